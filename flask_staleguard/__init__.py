@@ -1,0 +1,9 @@
+"""flask-staleguard: no more "MySQL server has gone away" from idle connections."""
+
+from __future__ import annotations
+
+from .errors import LeakError as LeakError
+from .extension import StaleGuard as StaleGuard
+from .settings import ConfigError as ConfigError
+
+__version__ = "0.1.0.dev0"

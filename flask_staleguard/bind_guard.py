@@ -1,0 +1,366 @@
+"""The guard of one bind: pool listeners that keep stale connections from the app.
+
+At checkout, a pooled connection is replaced before the app sees it when it idled
+past its budget, or when its socket shows the other side closed it. Replacing
+means raising :class:`~sqlalchemy.exc.DisconnectionError` from the ``checkout``
+event: SQLAlchemy then discards the connection and opens a new one, once. A brand
+new connection is never rejected, or that one retry would be spent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+import typing as t
+import weakref
+
+import sqlalchemy as sa
+from flask.globals import _cv_app
+from sqlalchemy import event
+from sqlalchemy.exc import DisconnectionError
+
+from . import probe
+from .derive import derive_engine_options
+from .derive import effective_timeout
+from .derive import idle_budget
+from .discovery import flavor
+from .discovery import session_idle_timeout
+from .errors import disconnect_label
+from .settings import bind_name
+from .settings import BindKey
+from .settings import Settings
+from .signals import connection_replaced
+from .signals import disconnect_seen
+from .signals import leak_detected
+from .sites import checkout_site
+from .sites import format_site
+from .sites import Site
+from .stats import BindStats
+
+logger = logging.getLogger("flask_staleguard")
+
+# Keys in a connection record's ``info``. SQLAlchemy clears ``info`` whenever it
+# replaces the DBAPI connection, so a missing key means a brand new connection.
+_PID = "staleguard.pid"
+_RETURNED = "staleguard.returned"
+_BUDGET = "staleguard.budget"
+_PROBE = "staleguard.probe"
+_IDLE = "staleguard.idle"
+
+_pid = os.getpid()
+
+
+def _note_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+# Cheaper than os.getpid() on every checkout.
+os.register_at_fork(after_in_child=_note_fork)
+
+
+class Checkout(t.NamedTuple):
+    """A connection the app holds: who took it, where, and when."""
+
+    context: int | None
+    proxy: weakref.ref[t.Any]
+    site: Site
+    at: float
+
+
+class BindGuard:
+    """Settings, listeners and counters for one bind of one app."""
+
+    def __init__(
+        self,
+        key: BindKey,
+        url: sa.engine.URL,
+        settings: Settings,
+        server_timeout: float | None,
+        *,
+        provisional: bool = False,
+    ) -> None:
+        self.key = key
+        #: The bind's name in logs and output.
+        self.name = bind_name(key)
+        #: The URL with its password masked: safe for logs and output.
+        self.url = url.render_as_string(hide_password=True)
+        self.kind = flavor(url)
+        self.strategy = settings.strategy
+        self.leak_policy = settings.leaks
+        self.leak_threshold = settings.leak_threshold
+        self._idle_timeout = settings.idle_timeout_for(key)
+        self._margin = settings.margin
+        #: ``True`` while the server's timeout is discovered per connection.
+        self.discovers = settings.server_timeout_for(key) is None
+        #: ``True`` while :attr:`server_timeout` is a fallback, not the server's word.
+        self.provisional = provisional
+        self.server_timeout = server_timeout
+        self.budget = self._budget_for(server_timeout)
+        #: The engine options this strategy asks for.
+        self.derived = derive_engine_options(self.strategy, self.budget)
+        #: Those of :attr:`derived` the user had not set, so the guard applied them.
+        self.applied: dict[str, t.Any] = {}
+        self.stats = BindStats()
+        #: Connections checked out now, with where they were taken.
+        self.checked_out: dict[t.Any, Checkout] = {}
+        self._guarding = self.strategy == "guard"
+        self._watching = self.strategy != "off"
+        self._engines: weakref.WeakSet[sa.engine.Engine] = weakref.WeakSet()
+        self._dialect: t.Any = None
+        self._held_scan = 0.0
+        self._reported: dict[t.Any, Checkout] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<BindGuard {self.key!r} {self.url} strategy={self.strategy}>"
+
+    @property
+    def idle_timeout(self) -> float | None:
+        """The declared middlebox idle timer, if any."""
+        return self._idle_timeout
+
+    def _budget_for(self, server_timeout: float | None) -> float:
+        timeout = effective_timeout(server_timeout, self._idle_timeout)
+        budget = idle_budget(timeout, self._margin)
+        return math.inf if budget is None else budget
+
+    def attach(self, engine: sa.engine.Engine) -> None:
+        """Listen to ``engine``'s pool. Listeners survive ``engine.dispose()``."""
+        if engine in self._engines:
+            return
+        self._engines.add(engine)
+        self._dialect = engine.dialect
+        event.listen(engine, "connect", self._on_connect)
+        event.listen(engine, "checkout", self._on_checkout)
+        event.listen(engine, "checkin", self._on_checkin)
+        event.listen(engine, "detach", self._on_detach)
+        event.listen(engine, "handle_error", self._on_error)
+
+    # -- pool events ---------------------------------------------------------------
+
+    def _on_connect(self, dbapi_connection: t.Any, record: t.Any) -> None:
+        info = record.info
+        info[_PID] = _pid
+        budget = self.budget
+        if self._watching and self.discovers:
+            try:
+                timeout = session_idle_timeout(dbapi_connection, self.kind)
+            except Exception as e:  # never fail a connect over a diagnostic
+                logger.debug(
+                    "bind %s: could not read the idle timeout: %s", self.name, e
+                )
+            else:
+                budget = self._budget_for(timeout)
+                if timeout != self.server_timeout or self.provisional:
+                    self._learn(timeout)
+        info[_BUDGET] = budget
+        if self._guarding:
+            fd = probe.socket_fd(dbapi_connection)
+            info[_PROBE] = None if fd is None else probe.SocketProbe(fd)
+
+    def _on_checkout(
+        self, dbapi_connection: t.Any, record: t.Any, proxy: t.Any
+    ) -> None:
+        self.stats.checkouts += 1
+        info = record.info
+        if info.get(_PID, _pid) != _pid:
+            # Closing the parent's socket would send COM_QUIT on the parent's
+            # connection; drop it instead (SQLAlchemy's multiprocessing recipe).
+            record.dbapi_connection = proxy.dbapi_connection = None
+            raise self._replace("fork", None)
+        returned = info.get(_RETURNED)
+        if returned is not None:
+            now = time.monotonic()
+            idle = info[_IDLE] = now - returned
+            if self._guarding:
+                if idle > info.get(_BUDGET, self.budget):
+                    raise self._replace("idle_budget", idle)
+                socket_probe = info.get(_PROBE)
+                if socket_probe is not None:
+                    verdict = socket_probe.check()
+                    if verdict is not None:
+                        self._judge(verdict, dbapi_connection, idle)
+        ctx = _cv_app.get(None)
+        self.checked_out[record] = Checkout(
+            None if ctx is None else id(ctx),
+            weakref.ref(proxy),
+            checkout_site(),
+            time.monotonic(),
+        )
+        if self.leak_threshold is not None:
+            self._report_held()
+
+    def _on_checkin(self, dbapi_connection: t.Any, record: t.Any) -> None:
+        if dbapi_connection is not None:
+            record.info[_RETURNED] = time.monotonic()
+        self.checked_out.pop(record, None)
+
+    def _on_detach(self, dbapi_connection: t.Any, record: t.Any) -> None:
+        self.checked_out.pop(record, None)
+
+    def _judge(
+        self, verdict: tuple[str, bytes], dbapi_connection: t.Any, idle: float
+    ) -> None:
+        """Replace a connection whose socket spoke while idle, unless a ping says no."""
+        reason, data = verdict
+        if reason != probe.UNKNOWN:
+            raise self._replace(reason, idle)
+        if self.kind == "mysql":
+            code = probe.mysql_error_code(data)
+            if code is not None:
+                raise self._replace(probe.SERVER_ERROR, idle, f"error {code}")
+        # Bytes nobody can classify here (TLS records, a NOTIFY): one real ping
+        # decides, rather than trusting or discarding blindly.
+        try:
+            alive = self._dialect.do_ping(dbapi_connection)
+        except Exception:
+            alive = False
+        if not alive:
+            raise self._replace("probe_ping_failed", idle)
+
+    def _replace(
+        self, reason: str, idle: float | None, detail: str = ""
+    ) -> DisconnectionError:
+        self.stats.count(self.stats.replaced, reason)
+        logger.debug(
+            "bind %s: replacing a stale connection (%s%s)%s",
+            self.name,
+            reason,
+            f", {detail}" if detail else "",
+            "" if idle is None else f" after {idle:.1f} s idle",
+        )
+        connection_replaced.send(self, reason=reason, idle=idle)
+        return DisconnectionError(f"flask-staleguard: stale connection ({reason})")
+
+    def _learn(self, timeout: float | None) -> None:
+        """Adopt the idle timeout a live connection reported."""
+        with self._lock:
+            was, self.server_timeout = self.server_timeout, timeout
+            self.provisional = False
+            self.budget = self._budget_for(timeout)
+            self.derived = derive_engine_options(self.strategy, self.budget)
+            recycle = self.derived.get("pool_recycle", -1)
+            if (
+                "pool_recycle" in self.applied
+                and recycle != self.applied["pool_recycle"]
+            ):
+                self.applied["pool_recycle"] = recycle
+                for engine in list(self._engines):
+                    engine.pool._recycle = int(recycle)
+        logger.info(
+            "bind %s: the server's idle timeout is %s (was %s); idle budget %s",
+            self.name,
+            _seconds(timeout),
+            _seconds(was),
+            _seconds(self.budget),
+        )
+
+    def _on_error(self, context: sa.engine.ExceptionContext) -> None:
+        if not context.is_disconnect:
+            return
+        error = context.original_exception
+        mariadb = bool(getattr(self._dialect, "is_mariadb", False))
+        label = disconnect_label(error, self.kind, mariadb=mariadb)
+        if label is None:
+            # For example MariaDB's 4031, which is a trigger error, not a disconnect.
+            context.is_disconnect = False
+            return
+        self.stats.count(self.stats.disconnects, label)
+        idle = None
+        try:
+            if context.connection is not None:
+                idle = context.connection.connection.info.get(_IDLE)
+        except Exception:
+            pass
+        logger.warning("bind %s: %s", self.name, self._explain(label, idle))
+        disconnect_seen.send(self, code=label, idle=idle)
+
+    def _explain(self, label: str, idle: float | None) -> str:
+        """One line that names the likely cause of a lost connection."""
+        lost = f"connection lost ({label})"
+        if idle is None:
+            return f"{lost} while in use: a server restart, KILL or network fault"
+        if self.server_timeout and idle < self.server_timeout:
+            return (
+                f"{lost} after {idle:.0f} s idle: a timer shorter than the server's"
+                f" idle timeout ({self.server_timeout:.0f} s) is on the path; set"
+                " STALEGUARD_IDLE_TIMEOUT below it"
+            )
+        if self.strategy in ("off", "recycle"):
+            return (
+                f"{lost} after {idle:.0f} s idle; STALEGUARD_STRATEGY={self.strategy!r}"
+                " does not check connections at checkout: use 'guard'"
+            )
+        return f"{lost} after {idle:.0f} s idle: killed or restarted since"
+
+    # -- leaks -------------------------------------------------------------------
+
+    def leaks_of(self, context: int) -> list[tuple[t.Any, Checkout]]:
+        """Connections checked out in the app context ``context`` and still out."""
+        return [
+            (r, c) for r, c in self.checked_out.copy().items() if c.context == context
+        ]
+
+    def reclaim(self, record: t.Any, checkout: Checkout) -> None:
+        """Report a leaked connection and, by policy, roll it back into the pool."""
+        with self.stats._lock:
+            self.stats.leaks_detected += 1
+        proxy = checkout.proxy()
+        reclaim = self.leak_policy != "warn" and proxy is not None
+        logger.warning(
+            "bind %s: a connection checked out at %s was not returned when its app"
+            " context ended; %s",
+            self.name,
+            format_site(checkout.site),
+            "rolled back and returned to the pool"
+            if reclaim
+            else "left checked out (STALEGUARD_LEAKS='warn')",
+        )
+        if reclaim:
+            try:
+                proxy.close()  # type: ignore[union-attr]
+            except (
+                Exception
+            ) as e:  # a failed rollback leaves SQLAlchemy to invalidate it
+                logger.warning(
+                    "bind %s: could not return the connection: %s", self.name, e
+                )
+            self.checked_out.pop(record, None)
+            with self.stats._lock:
+                self.stats.leaks_reclaimed += 1
+        leak_detected.send(self, site=checkout.site, reclaimed=reclaim)
+
+    def _report_held(self) -> None:
+        """Report connections held outside any app context past the threshold."""
+        now = time.monotonic()
+        if now - self._held_scan < 1.0:
+            return
+        self._held_scan = now
+        threshold = t.cast(float, self.leak_threshold)
+        held = self.checked_out.copy()
+        self._reported = {r: c for r, c in self._reported.items() if held.get(r) is c}
+        for record, checkout in held.items():
+            if (
+                checkout.context is None
+                and now - checkout.at > threshold
+                and record not in self._reported
+            ):
+                self._reported[record] = checkout
+                logger.warning(
+                    "bind %s: a connection checked out at %s has been held for %.0f s"
+                    " (STALEGUARD_LEAK_THRESHOLD=%s)",
+                    self.name,
+                    format_site(checkout.site),
+                    now - checkout.at,
+                    _seconds(threshold),
+                )
+
+
+def _seconds(value: float | None) -> str:
+    if value is None or math.isinf(value):
+        return "none"
+    return f"{value:g} s"

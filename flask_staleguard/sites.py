@@ -1,0 +1,51 @@
+"""Where a connection was checked out: the app's frames, not the library's."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import types
+
+#: How many of the app's own frames to remember.
+DEPTH = 3
+#: Packages whose frames are plumbing between the app and the pool.
+_INTERNAL = tuple(
+    os.path.dirname(__import__(name).__file__ or "") + os.sep
+    for name in (
+        "flask_staleguard",
+        "sqlalchemy",
+        "flask_sqlalchemy",
+        "flask",
+        "werkzeug",
+    )
+) + ("<frozen ", contextlib.__file__)
+_internal_code: dict[types.CodeType, bool] = {}
+
+Site = tuple[tuple[str, int, str], ...]
+
+
+def checkout_site() -> Site:
+    """The innermost app frames calling into the pool, as (file, line, function).
+
+    Runs on every checkout, so it only walks frames and reads line numbers; a
+    per-code-object cache keeps the file name tests off the hot path.
+    """
+    frame: types.FrameType | None = sys._getframe(1)
+    site: list[tuple[str, int, str]] = []
+    while frame is not None and len(site) < DEPTH:
+        code = frame.f_code
+        internal = _internal_code.get(code)
+        if internal is None:
+            internal = _internal_code[code] = code.co_filename.startswith(_INTERNAL)
+        if not internal:
+            site.append((code.co_filename, frame.f_lineno, code.co_name))
+        frame = frame.f_back
+    return tuple(site)
+
+
+def format_site(site: Site) -> str:
+    """``file:line in function`` for each frame, innermost first."""
+    if not site:
+        return "an unknown place"
+    return " <- ".join(f"{f}:{line} in {name}" for f, line, name in site)

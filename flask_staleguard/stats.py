@@ -1,0 +1,43 @@
+"""Per-bind counters: cheap enough to stay on in production."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import typing as t
+
+
+@dataclasses.dataclass
+class BindStats:
+    """What the guard saw on one bind since the app started (in this process)."""
+
+    #: Connections handed out by the pool.
+    checkouts: int = 0
+    #: Connections replaced at checkout, by reason (``idle_budget``, ``probe_eof``,
+    #: ``probe_reset``, ``probe_server_error``, ``probe_ping_failed``, ``fork``).
+    replaced: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: Disconnect errors raised by statements, by code (``2006``, ``2013``, ...).
+    disconnects: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: Connections still checked out when their app context ended.
+    leaks_detected: int = 0
+    #: Of those, connections returned to the pool by the guard.
+    leaks_reclaimed: int = 0
+    _lock: threading.Lock = dataclasses.field(
+        default_factory=threading.Lock, repr=False, compare=False
+    )
+
+    def count(self, table: dict[str, int], key: str) -> None:
+        """Add one to ``table[key]``; the rare paths take a lock, checkouts do not."""
+        with self._lock:
+            table[key] = table.get(key, 0) + 1
+
+    def snapshot(self) -> dict[str, t.Any]:
+        """A JSON-ready copy."""
+        with self._lock:
+            return {
+                "checkouts": self.checkouts,
+                "replaced": dict(self.replaced),
+                "disconnects": dict(self.disconnects),
+                "leaks_detected": self.leaks_detected,
+                "leaks_reclaimed": self.leaks_reclaimed,
+            }
