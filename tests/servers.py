@@ -1,0 +1,718 @@
+"""Private, throw-away database servers and middleboxes for tests.
+
+Everything binds to 127.0.0.1 on ports picked here, so the shared MariaDB (3306) and
+PostgreSQL (5432) are never reconfigured or restarted by the test suite.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from typing import IO
+from typing import TypeVar
+
+import pymysql  # type: ignore[import-untyped, unused-ignore]
+import pymysql.cursors  # type: ignore[import-untyped, unused-ignore]
+from sqlalchemy.engine import make_url
+
+__all__ = [
+    "APP_PASSWORD",
+    "APP_USER",
+    "DB_NAME",
+    "HAProxy",
+    "MariaDBServer",
+    "PgBouncer",
+    "ServerStartError",
+    "free_port",
+]
+
+LOCALHOST = "127.0.0.1"
+MARIADB_INSTALL_DB = "/usr/bin/mariadb-install-db"
+MARIADBD = "/usr/sbin/mariadbd"
+HAPROXY = "/usr/sbin/haproxy"
+PGBOUNCER = "/usr/sbin/pgbouncer"
+
+DB_NAME = "staleguard"
+APP_USER = "sg"
+APP_PASSWORD = "s3cr3t-pw"
+
+_STOP_GRACE_SECONDS = 15.0
+_START_TIMEOUT_SECONDS = 20.0
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Unix socket paths are limited to 108 bytes; pytest's tmp paths can come close.
+_MAX_SOCKET_PATH = 100
+
+_M = TypeVar("_M", bound="MariaDBServer")
+_P = TypeVar("_P", bound="_ManagedProcess")
+
+
+class ServerStartError(RuntimeError):
+    """A helper process did not come up; the message carries its log tail."""
+
+
+def free_port() -> int:
+    """Return a 127.0.0.1 TCP port that was free a moment ago (racy, fine for tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOCALHOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(
+    host: str, port: int, timeout: float, alive: Callable[[], bool]
+) -> bool:
+    """Poll until (host, port) accepts TCP; False on timeout or once `alive()` fails."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            return False
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """Last lines of a log file, for error messages."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"<cannot read {path}: {exc}>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------------------
+# Bookkeeping: every child is stopped (and every temp dir removed) at interpreter
+# exit; children started from the main thread also die if pytest itself is killed.
+
+_live_lock = threading.Lock()
+_live: set[subprocess.Popen[bytes]] = set()
+_temp_dirs: set[str] = set()
+
+_PR_SET_PDEATHSIG = 1
+_libc_prctl: Callable[..., int] | None
+try:
+    # Resolved before any fork: looking symbols up in the child could deadlock.
+    _libc_prctl = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl
+except (OSError, AttributeError):
+    _libc_prctl = None
+
+
+def _die_with_parent() -> None:
+    if _libc_prctl is not None:
+        _libc_prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _spawn(args: Sequence[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+    # PDEATHSIG fires when the *thread* that forked exits, so it is only armed from
+    # the main thread; children started elsewhere rely on atexit alone.
+    main = threading.current_thread() is threading.main_thread()
+    proc = subprocess.Popen(
+        list(args),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        # Ctrl-C belongs to pytest; the children are shut down in order by us.
+        start_new_session=True,
+        preexec_fn=_die_with_parent if main else None,
+    )
+    with _live_lock:
+        _live.add(proc)
+    return proc
+
+
+def _terminate(
+    proc: subprocess.Popen[bytes], grace: float = _STOP_GRACE_SECONDS
+) -> None:
+    """SIGTERM, wait up to `grace` seconds, then SIGKILL; fine on a dead process."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+    with _live_lock:
+        _live.discard(proc)
+
+
+def _alive(proc: subprocess.Popen[bytes]) -> bool:
+    return proc.poll() is None
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+    with _live_lock:
+        _live.discard(proc)
+
+
+def _make_temp_dir(prefix: str) -> str:
+    path = tempfile.mkdtemp(prefix=prefix)
+    with _live_lock:
+        _temp_dirs.add(path)
+    return path
+
+
+def _remove_temp_dir(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    with _live_lock:
+        _temp_dirs.discard(path)
+
+
+@atexit.register
+def _stop_all_children() -> None:
+    with _live_lock:
+        procs = list(_live)
+        dirs = list(_temp_dirs)
+    # Signal everyone first so the shutdowns run in parallel.
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        _terminate(proc)
+    for path in dirs:
+        _remove_temp_dir(path)
+
+
+# ---------------------------------------------------------------------------
+
+
+class MariaDBServer:
+    """A private mariadbd with its own datadir and port: restart, kill, reconfigure it.
+
+    Root has no password; `sg` has all privileges on `staleguard.*` only (no PROCESS).
+    """
+
+    def __init__(
+        self,
+        basedir: Path,
+        port: int | None = None,
+        *,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.basedir = Path(basedir).resolve()
+        self.datadir = self.basedir / "data"
+        self.log_path = self.basedir / "mariadbd.log"
+        self.pid_path = self.basedir / "mariadbd.pid"
+        self.extra_args = list(extra_args)
+        self._port_fixed = port is not None
+        self._port = port if port is not None else free_port()
+        self._initialised_marker = self.basedir / ".staleguard-initialised"
+        self._proc: subprocess.Popen[bytes] | None = None
+        sock = self.basedir / "mariadbd.sock"
+        if len(str(sock)) > _MAX_SOCKET_PATH:
+            sock = Path(_make_temp_dir("sg-mariadb-")) / "mariadbd.sock"
+        self.socket_path = sock
+
+    # -- addresses -----------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return LOCALHOST
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"mysql+pymysql://root@{LOCALHOST}:{self._port}/{DB_NAME}"
+
+    @property
+    def user_url(self) -> str:
+        return (
+            f"mysql+pymysql://{APP_USER}:{APP_PASSWORD}"
+            f"@{LOCALHOST}:{self._port}/{DB_NAME}"
+        )
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start mariadbd (creating the datadir on first use); wait for root logins."""
+        if self.running:
+            return
+        self.basedir.mkdir(parents=True, exist_ok=True)
+        if not (self.datadir / "mysql").is_dir():
+            self._install_db()
+        # A free_port() port can be grabbed by someone else before mariadbd binds
+        # it; only a port nobody has used yet may be swapped for another one.
+        first = not (self._port_fixed or self._initialised_marker.exists())
+        attempts = 3 if first else 1
+        for attempt in range(attempts):
+            try:
+                self._launch()
+                break
+            except ServerStartError:
+                in_use = "Address already in use" in log_tail(self.log_path, 10)
+                if attempt + 1 == attempts or not in_use:
+                    raise
+                self._port = free_port()
+        if not self._initialised_marker.exists():
+            self._first_start_setup()
+            self._initialised_marker.touch()
+        self._port_fixed = True
+
+    def _install_db(self) -> None:
+        self.datadir.mkdir(parents=True, exist_ok=True)
+        args = [
+            MARIADB_INSTALL_DB,
+            "--no-defaults",
+            "--user=root",
+            f"--datadir={self.datadir}",
+            "--auth-root-authentication-method=normal",
+        ]
+        with self.log_path.open("ab") as log:
+            result = subprocess.run(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=120,
+                check=False,
+            )
+        if result.returncode != 0:
+            raise ServerStartError(
+                f"mariadb-install-db failed ({result.returncode}):\n"
+                f"{log_tail(self.log_path)}"
+            )
+
+    def _launch(self) -> None:
+        args = [
+            MARIADBD,
+            "--no-defaults",
+            "--user=root",
+            f"--datadir={self.datadir}",
+            f"--port={self._port}",
+            f"--bind-address={LOCALHOST}",
+            f"--socket={self.socket_path}",
+            f"--pid-file={self.pid_path}",
+            "--skip-log-bin",
+            *self.extra_args,
+        ]
+        with self.log_path.open("ab") as log:
+            stamp = time.strftime("%H:%M:%S")
+            log.write(f"\n=== {stamp} starting: {' '.join(args)}\n".encode())
+            log.flush()
+            proc = _spawn(args, log)
+        self._proc = proc
+        deadline = time.monotonic() + _START_TIMEOUT_SECONDS
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self._proc = None
+                raise ServerStartError(
+                    f"mariadbd exited with {proc.returncode} while starting on port "
+                    f"{self._port}:\n{log_tail(self.log_path)}"
+                )
+            try:
+                self._connect(database=None, connect_timeout=1).close()
+                return
+            except pymysql.err.MySQLError as exc:
+                last_error = exc
+                time.sleep(0.1)
+        _terminate(proc, grace=5.0)
+        self._proc = None
+        raise ServerStartError(
+            f"mariadbd on port {self._port} did not accept connections within "
+            f"{_START_TIMEOUT_SECONDS:.0f} s (last error: {last_error!r}):\n"
+            f"{log_tail(self.log_path)}"
+        )
+
+    def _first_start_setup(self) -> None:
+        conn = self._connect(database=None)
+        try:
+            with conn.cursor() as cur:
+                # Anonymous ''@'localhost' shadows 'sg'@'%' for clients on 127.0.0.1.
+                cur.execute("SELECT user, host FROM mysql.user WHERE user = ''")
+                for user, host in cur.fetchall():
+                    cur.execute("DROP USER %s@%s", (user, host))
+                cur.execute(f"CREATE DATABASE IF NOT EXISTS `{DB_NAME}`")
+                for host in ("%", "localhost"):
+                    cur.execute(
+                        "CREATE USER IF NOT EXISTS %s@%s IDENTIFIED BY %s",
+                        (APP_USER, host, APP_PASSWORD),
+                    )
+                    cur.execute(
+                        f"GRANT ALL PRIVILEGES ON `{DB_NAME}`.* TO %s@%s",
+                        (APP_USER, host),
+                    )
+                cur.execute("FLUSH PRIVILEGES")
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        """Graceful shutdown (SIGTERM, SIGKILL after 15 s); a no-op if not running."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _terminate(proc)
+
+    def kill(self) -> None:
+        """SIGKILL the server, as in a crash; the next start() recovers InnoDB."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _kill(proc)
+
+    def restart(self) -> None:
+        """Stop and start again on the same port and datadir."""
+        self.stop()
+        self.start()
+
+    def __enter__(self: _M) -> _M:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- SQL helpers ---------------------------------------------------------
+
+    def _connect(
+        self, database: str | None = DB_NAME, connect_timeout: float = 5
+    ) -> Any:
+        return pymysql.connect(
+            host=LOCALHOST,
+            port=self._port,
+            user="root",
+            password="",
+            database=database,
+            autocommit=True,
+            connect_timeout=connect_timeout,
+        )
+
+    def execute(
+        self,
+        sql: str,
+        params: Sequence[Any] | Mapping[str, Any] | None = None,
+        *,
+        database: str | None = DB_NAME,
+    ) -> list[tuple[Any, ...]]:
+        """Run one statement on a fresh autocommit root connection; return all rows."""
+        conn = self._connect(database=database)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, params)
+                return [tuple(row) for row in cur.fetchall()]
+        finally:
+            conn.close()
+
+    def set_global(self, name: str, value: int) -> None:
+        """SET GLOBAL name = value; only connections opened afterwards pick it up."""
+        if not _IDENTIFIER.match(name):
+            raise ValueError(f"not a system variable name: {name!r}")
+        self.execute(f"SET GLOBAL {name} = %s", (int(value),), database=None)
+
+    def processlist(self) -> list[dict[str, Any]]:
+        """information_schema.PROCESSLIST rows (upper-case keys), minus our own."""
+        conn = self._connect(database=None)
+        try:
+            with conn.cursor(pymysql.cursors.DictCursor) as cur:
+                cur.execute(
+                    "SELECT * FROM information_schema.PROCESSLIST"
+                    " WHERE ID <> CONNECTION_ID() ORDER BY ID"
+                )
+                return [dict(row) for row in cur.fetchall()]
+        finally:
+            conn.close()
+
+    def kill_connections(
+        self, user: str = "root", command: str | None = "Sleep"
+    ) -> list[int]:
+        """KILL the user's connections in state `command` (any if None); return ids."""
+        sql = (
+            "SELECT ID FROM information_schema.PROCESSLIST"
+            " WHERE USER = %s AND ID <> CONNECTION_ID()"
+        )
+        params: list[Any] = [user]
+        if command is not None:
+            sql += " AND COMMAND = %s"
+            params.append(command)
+        killed: list[int] = []
+        conn = self._connect(database=None)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, params)
+                for (thread_id,) in cur.fetchall():
+                    try:
+                        cur.execute("KILL %s", (int(thread_id),))
+                    except pymysql.err.OperationalError as exc:
+                        # 1094 Unknown thread id: it went away on its own meanwhile.
+                        if exc.args[0] != 1094:
+                            raise
+                    else:
+                        killed.append(int(thread_id))
+        finally:
+            conn.close()
+        return killed
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<MariaDBServer {self.basedir} port={self._port} {state}>"
+
+
+# ---------------------------------------------------------------------------
+
+
+def _duration_ms(seconds: float) -> str:
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
+class _ManagedProcess:
+    """A daemon run in the foreground from a private temp dir on a port of its own."""
+
+    name = "process"
+    binary = ""
+    install_hint = ""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._port: int | None = None
+        self._workdir: Path | None = None
+
+    @property
+    def host(self) -> str:
+        return LOCALHOST
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError(f"{self.name} has not been started")
+        return self._port
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def log_path(self) -> Path:
+        if self._workdir is None:
+            raise RuntimeError(f"{self.name} is not running")
+        return self._workdir / f"{self.name}.log"
+
+    def url_for(self, db_url: str) -> str:
+        """The same SQLAlchemy URL, pointed at this middlebox."""
+        url = make_url(db_url).set(host=LOCALHOST, port=self.port)
+        return url.render_as_string(hide_password=False)
+
+    def _command(self, workdir: Path, port: int) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Write the config, start the daemon, wait until its port accepts TCP."""
+        if self.running:
+            return
+        if not os.path.exists(self.binary):
+            raise RuntimeError(
+                f"{self.binary} not found; install it with: "
+                f"apt-get install -y {self.install_hint}"
+            )
+        if self._workdir is None:
+            self._workdir = Path(_make_temp_dir(f"sg-{self.name}-"))
+        workdir = self._workdir
+        # A restart keeps its port so clients' URLs stay valid; a fresh free_port()
+        # port may be taken before the daemon binds it, hence the retries.
+        if self._port is not None:
+            ports = [self._port]
+        else:
+            ports = [free_port() for _ in range(3)]
+        error = ""
+        for port in ports:
+            with self.log_path.open("ab") as log:
+                proc = _spawn(self._command(workdir, port), log)
+            if wait_for_port(LOCALHOST, port, 10.0, functools.partial(_alive, proc)):
+                self._proc, self._port = proc, port
+                return
+            _terminate(proc, grace=2.0)
+            error = log_tail(self.log_path)
+            if "in use" not in error:
+                break
+        raise ServerStartError(f"{self.name} did not start:\n{error}")
+
+    def stop(self) -> None:
+        """Stop the daemon and remove its temp dir (idempotent); the port is kept."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _terminate(proc, grace=5.0)
+        workdir, self._workdir = self._workdir, None
+        if workdir is not None:
+            _remove_temp_dir(str(workdir))
+
+    def restart(self) -> None:
+        """Stop and start again on the same port (every connection through it drops)."""
+        self.stop()
+        self.start()
+
+    def __enter__(self: _P) -> _P:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class HAProxy(_ManagedProcess):
+    """HAProxy in TCP mode, closing connections idle for `idle_timeout` s with a FIN."""
+
+    name = "haproxy"
+    binary = HAPROXY
+    install_hint = "haproxy"
+
+    def __init__(self, host: str, port: int, idle_timeout: float = 2.0) -> None:
+        super().__init__()
+        self.target_host = host
+        self.target_port = port
+        self.idle_timeout = idle_timeout
+
+    def config(self, port: int) -> str:
+        idle = _duration_ms(self.idle_timeout)
+        return (
+            "global\n"
+            "    maxconn 512\n"
+            "    nbthread 1\n"
+            "defaults\n"
+            "    mode tcp\n"
+            "    timeout connect 2s\n"
+            f"    timeout client {idle}\n"
+            f"    timeout server {idle}\n"
+            "listen db\n"
+            f"    bind {LOCALHOST}:{port}\n"
+            f"    server db {self.target_host}:{self.target_port}\n"
+        )
+
+    def _command(self, workdir: Path, port: int) -> list[str]:
+        cfg = workdir / "haproxy.cfg"
+        cfg.write_text(self.config(port))
+        return [self.binary, "-f", str(cfg), "-db"]
+
+
+class PgBouncer(_ManagedProcess):
+    """PgBouncer (trust auth) before PostgreSQL, closing clients idle too long.
+
+    Transaction pooling is the default: PgBouncer applies client_idle_timeout only
+    to clients holding no server connection, never true in session pooling. It
+    refuses to run as root, so it runs as `postgres` from a world-readable temp dir.
+    """
+
+    name = "pgbouncer"
+    binary = PGBOUNCER
+    install_hint = "pgbouncer"
+    run_as = "postgres"
+
+    def __init__(
+        self,
+        client_idle_timeout: float = 0,
+        *,
+        pool_mode: str = "transaction",
+        server_host: str = LOCALHOST,
+        server_port: int = 5432,
+        dbname: str = "test",
+        user: str = "postgres",
+        settings: Mapping[str, str | int | float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.client_idle_timeout = client_idle_timeout
+        self.pool_mode = pool_mode
+        self.server_host = server_host
+        self.server_port = server_port
+        self.dbname = dbname
+        self.user = user
+        self.settings = dict(settings or {})
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://{self.user}@{LOCALHOST}:{self.port}/{self.dbname}"
+
+    def config(self, workdir: Path, port: int) -> str:
+        settings: dict[str, str | int | float] = {
+            "listen_addr": LOCALHOST,
+            "listen_port": port,
+            "unix_socket_dir": "",
+            "auth_type": "trust",
+            "auth_file": str(workdir / "userlist.txt"),
+            "pool_mode": self.pool_mode,
+            "client_idle_timeout": self.client_idle_timeout,
+            "admin_users": self.user,
+            "ignore_startup_parameters": "extra_float_digits",
+            "logfile": "",
+            "pidfile": "",
+        }
+        settings.update(self.settings)
+        server = f"host={self.server_host} port={self.server_port} dbname={self.dbname}"
+        lines = [
+            "[databases]",
+            f"{self.dbname} = {server}",
+            "[pgbouncer]",
+            *(f"{key} = {value}" for key, value in settings.items()),
+        ]
+        return "\n".join(lines) + "\n"
+
+    def _command(self, workdir: Path, port: int) -> list[str]:
+        # After dropping to `postgres`, pgbouncer re-reads these files on RELOAD.
+        workdir.chmod(0o755)
+        userlist = workdir / "userlist.txt"
+        userlist.write_text(f'"{self.user}" ""\n')
+        cfg = workdir / "pgbouncer.ini"
+        cfg.write_text(self.config(workdir, port))
+        for path in (userlist, cfg):
+            path.chmod(0o644)
+        if os.geteuid() != 0:
+            return [self.binary, str(cfg)]
+        if shutil.which("setpriv") is None:
+            return [self.binary, "-u", self.run_as, str(cfg)]
+        # `-u` would drop privileges inside pgbouncer, which clears the parent-death
+        # signal; setpriv drops them first and then sets it, so it survives exec.
+        main = threading.current_thread() is threading.main_thread()
+        return [
+            "setpriv",
+            f"--reuid={self.run_as}",
+            f"--regid={self.run_as}",
+            "--init-groups",
+            f"--pdeathsig={'TERM' if main else 'clear'}",
+            "--",
+            self.binary,
+            str(cfg),
+        ]
