@@ -71,7 +71,7 @@ def test_socket_fd_of_pymysql(mariadb: MariaDBServer) -> None:
     conn = pymysql.connect(host=mariadb.host, port=mariadb.port, user="root")
     try:
         fd = probe.socket_fd(conn)
-        assert fd is not None and fd == conn._sock.fileno()  # type: ignore[attr-defined]
+        assert fd is not None and fd == conn._sock.fileno()
     finally:
         conn.close()
     assert probe.socket_fd(conn) is None
@@ -87,9 +87,9 @@ def test_server_kill_and_timeout_are_seen(mariadb: MariaDBServer) -> None:
     try:
         mariadb.execute(f"KILL {killed.thread_id()}")
         time.sleep(2)
-        assert probe.SocketProbe(alive._sock.fileno()).check() is None  # type: ignore[attr-defined]
+        assert probe.SocketProbe(alive._sock.fileno()).check() is None
         for conn in (timed_out, killed):
-            verdict = probe.SocketProbe(conn._sock.fileno()).check()  # type: ignore[attr-defined]
+            verdict = probe.SocketProbe(conn._sock.fileno()).check()
             assert verdict is not None and verdict[0] in (probe.EOF, probe.RESET)
     finally:
         for conn in (timed_out, killed, alive):

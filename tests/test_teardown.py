@@ -48,7 +48,7 @@ def test_raising_teardown_leaves_no_session_behind(
     with pytest.raises(RuntimeError, match="a user teardown that fails"):
         app.test_client().get("/q")
     app.teardown_appcontext_funcs.remove(broken)
-    leftover = len(db.session.registry.registry)  # type: ignore[attr-defined]
+    leftover = len(db.session.registry.registry)
     if not guarded:  # Flask <= 3.1 skipped Flask-SQLAlchemy's teardown: the bug
         if leftover == 0:
             pytest.fail("this Flask runs every teardown; the control case is moot")
