@@ -20,7 +20,8 @@ _INTERNAL = tuple(
         "werkzeug",
     )
 ) + ("<frozen ", contextlib.__file__)
-_internal_code: dict[types.CodeType, bool] = {}
+# Keyed by file name: str caches its hash, a code object does not.
+_internal_file: dict[str, bool] = {}
 
 Site = tuple[tuple[str, int, str], ...]
 
@@ -29,17 +30,18 @@ def checkout_site() -> Site:
     """The innermost app frames calling into the pool, as (file, line, function).
 
     Runs on every checkout, so it only walks frames and reads line numbers; a
-    per-code-object cache keeps the file name tests off the hot path.
+    per-file cache keeps the prefix tests off the hot path.
     """
     frame: types.FrameType | None = sys._getframe(1)
     site: list[tuple[str, int, str]] = []
     while frame is not None and len(site) < DEPTH:
         code = frame.f_code
-        internal = _internal_code.get(code)
+        filename = code.co_filename
+        internal = _internal_file.get(filename)
         if internal is None:
-            internal = _internal_code[code] = code.co_filename.startswith(_INTERNAL)
+            internal = _internal_file[filename] = filename.startswith(_INTERNAL)
         if not internal:
-            site.append((code.co_filename, frame.f_lineno, code.co_name))
+            site.append((filename, frame.f_lineno, code.co_name))
         frame = frame.f_back
     return tuple(site)
 

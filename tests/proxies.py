@@ -231,6 +231,17 @@ class TcpProxy:
             self._listener.close()
             self._listener = None
 
+    def say_and_close(self, data: bytes) -> int:
+        """Send ``data`` to every client, then close with FIN, as MySQL 8 does with
+        its 4031 packet on ``wait_timeout``; return the count."""
+        with self._lock:
+            conns = [conn for conn in self._connections if not conn.closing.is_set()]
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.client.sendall(data)
+            conn.terminate("fin")
+        return len(conns)
+
     def close_all(self, *, reset: bool = False) -> int:
         """Close every current connection now (FIN, or RST to clients); return count."""
         with self._lock:
