@@ -1,0 +1,66 @@
+"""The guard with mysqlclient, the other MySQL driver with a reachable socket."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+
+from tests.conftest import AppFactory
+from tests.servers import MariaDBServer
+
+
+def _ids(app: Flask, db: SQLAlchemy, n: int) -> list[int]:
+    out = []
+    with app.app_context():
+        for _ in range(n):
+            with db.engine.connect() as conn:
+                out.append(
+                    int(conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar())
+                )
+    return out
+
+
+@pytest.fixture()
+def mysqldb_url(mariadb: MariaDBServer) -> str:
+    # Not importorskip: tox installs mysqlclient, and a skipped test proves nothing.
+    import MySQLdb  # noqa: F401
+
+    return mariadb.url.replace("mysql+pymysql://", "mysql+mysqldb://")
+
+
+def test_mysqlclient_killed_and_timed_out_connections_are_replaced(
+    make_app: AppFactory, mariadb: MariaDBServer, mysqldb_url: str
+) -> None:
+    app, db = make_app(
+        mysqldb_url,
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_size": 1, "max_overflow": 0},
+        STALEGUARD_SERVER_TIMEOUT=28800,  # only the socket probe can act
+    )
+    first = _ids(app, db, 2)
+    assert first[0] == first[1]
+    mariadb.execute(f"KILL {first[0]}")
+    time.sleep(0.3)
+    second = _ids(app, db, 1)[0]
+    assert second != first[0]
+    replaced = app.extensions["staleguard"].binds[None].stats.replaced
+    assert sum(replaced.values()) == 1
+    assert "idle_budget" not in replaced
+
+
+def test_mysqlclient_without_guard_fails(
+    make_app: AppFactory, mariadb: MariaDBServer, mysqldb_url: str
+) -> None:
+    app, db = make_app(
+        mysqldb_url,
+        guard=False,
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_size": 1, "max_overflow": 0},
+    )
+    first = _ids(app, db, 1)[0]
+    mariadb.execute(f"KILL {first}")
+    time.sleep(0.3)
+    with pytest.raises(sa.exc.OperationalError):
+        _ids(app, db, 1)
