@@ -19,7 +19,7 @@ def _ids(app: Flask, db: SQLAlchemy, n: int) -> list[int]:
         for _ in range(n):
             with db.engine.connect() as conn:
                 out.append(
-                    int(conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar())
+                    int(conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one())
                 )
     return out
 

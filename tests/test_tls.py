@@ -1,4 +1,4 @@
-"""The socket probe over TLS: PyMySQL 1.2+ negotiates TLS whenever the server offers it."""
+"""The socket probe over TLS, which PyMySQL 1.2+ uses whenever the server offers it."""
 
 from __future__ import annotations
 
