@@ -115,21 +115,25 @@ def test_unsaved_changes_are_rolled_back_with_a_warning(
 
 def leaky_app(
     make_app: AppFactory, url: str, **config: t.Any
-) -> tuple[Flask, SQLAlchemy]:
+) -> tuple[Flask, SQLAlchemy, list[sa.Connection]]:
     app, db = make_app(url, SQLALCHEMY_ENGINE_OPTIONS=SMALL_POOL, **config)
+    # Kept referenced, as a leak in a cache or a global is: SQLAlchemy's own
+    # garbage-collection fallback cannot return these.
+    held: list[sa.Connection] = []
 
     @app.route("/leak")
     def leak() -> str:
         conn = db.engine.connect()  # never closed: a leak
+        held.append(conn)
         return str(conn.execute(sa.text("SELECT 1")).scalar_one())
 
-    return app, db
+    return app, db, held
 
 
 def test_leaked_connections_do_not_exhaust_the_pool(
     make_app: AppFactory, mariadb: MariaDBServer, guard_log: t.Any
 ) -> None:
-    app, db = leaky_app(make_app, mariadb.url)
+    app, db, held = leaky_app(make_app, mariadb.url)
     client = app.test_client()
     for _ in range(10):
         assert client.get("/leak").text == "1"
@@ -143,19 +147,21 @@ def test_leaked_connections_do_not_exhaust_the_pool(
 
 
 def test_warn_policy_only_warns(make_app: AppFactory, mariadb: MariaDBServer) -> None:
-    app, db = leaky_app(make_app, mariadb.url, STALEGUARD_LEAKS="warn")
+    app, db, held = leaky_app(make_app, mariadb.url, STALEGUARD_LEAKS="warn")
     client = app.test_client()
     for _ in range(3):
         client.get("/leak")
     assert checked_out(app, db) == 3
     with pytest.raises(sa.exc.TimeoutError):  # the pool is exhausted, as it would be
         client.get("/leak")
+    for conn in held:
+        conn.close()
 
 
 def test_raise_policy_reclaims_then_raises(
     make_app: AppFactory, mariadb: MariaDBServer
 ) -> None:
-    app, db = leaky_app(make_app, mariadb.url, STALEGUARD_LEAKS="raise")
+    app, db, held = leaky_app(make_app, mariadb.url, STALEGUARD_LEAKS="raise")
     with pytest.raises(LeakError, match="1 connection"):
         app.test_client().get("/leak")
     assert checked_out(app, db) == 0
