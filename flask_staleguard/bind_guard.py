@@ -139,6 +139,7 @@ class BindGuard:
         event.listen(engine, "checkin", self._on_checkin)
         event.listen(engine, "detach", self._on_detach)
         event.listen(engine, "handle_error", self._on_error)
+        event.listen(engine, "after_cursor_execute", self._on_executed)
 
     # -- pool events ---------------------------------------------------------------
 
@@ -198,6 +199,13 @@ class BindGuard:
         if dbapi_connection is not None:
             record.info[_RETURNED] = time.monotonic()
         self.checked_out.pop(record, None)
+
+    def _on_executed(self, conn: t.Any, *args: t.Any) -> None:
+        # A statement got through: a later failure on this checkout happened while
+        # in use, and the idle time before it no longer explains anything.
+        info = conn.info
+        if _IDLE in info:
+            del info[_IDLE]
 
     def _on_detach(self, dbapi_connection: t.Any, record: t.Any) -> None:
         self.checked_out.pop(record, None)

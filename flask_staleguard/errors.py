@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 #: MySQL client and server codes for a connection that is gone. 4031 is MySQL 8's
 #: ER_CLIENT_INTERACTION_TIMEOUT; on MariaDB 4031 is an unrelated trigger error.
 MYSQL_GONE = frozenset({1927, 2006, 2013, 2014, 2045, 2055})
@@ -15,6 +17,16 @@ _MESSAGES = (
     ("BrokenPipeError", "broken_pipe"),
     ("Packet sequence number wrong", "packet_sequence"),
 )
+
+
+#: Socket errno values (POSIX and Windows' WSAE*) of a connection that is gone.
+_ERRNOS = {
+    errno.ECONNRESET: "reset",
+    10054: "reset",
+    errno.ECONNABORTED: "aborted",
+    10053: "aborted",
+    errno.EPIPE: "broken_pipe",
+}
 
 
 class LeakError(RuntimeError):
@@ -39,6 +51,11 @@ def disconnect_label(
     error: BaseException, kind: str, *, mariadb: bool = False
 ) -> str | None:
     """A short label for a disconnect error, or ``None`` if it is not one."""
+    if isinstance(error, OSError):
+        # str() of an OSError names the errno, not the class ("[Errno 104] ...").
+        label = _ERRNOS.get(getattr(error, "winerror", None) or error.errno or 0)
+        if label is not None:
+            return label
     code = error_code(error)
     if kind == "mysql" and code is not None:
         if code in MYSQL_GONE or (code in MYSQL_ONLY_GONE and not mariadb):
