@@ -1,0 +1,175 @@
+"""Prometheus metrics for the guard's counters (``flask-staleguard[prometheus]``).
+
+Counters are incremented in the process where the event happens, so under
+gunicorn prometheus_client's multiprocess mode sums them over all workers: set
+``PROMETHEUS_MULTIPROC_DIR`` to an empty directory before the server starts, and
+serve :func:`metrics_view`, which reads every worker's files in that mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing as t
+
+import sqlalchemy as sa
+from flask import Flask
+from flask import Response
+from prometheus_client import CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import Counter
+from prometheus_client import Gauge
+from prometheus_client import generate_latest
+from prometheus_client import multiprocess
+from prometheus_client import REGISTRY
+from sqlalchemy import event
+
+from .bind_guard import BindGuard
+from .extension import get_state
+from .inspect import engine_for
+from .signals import connection_replaced
+from .signals import disconnect_seen
+from .signals import leak_detected
+
+#: The key of the exporter's state in ``app.extensions``.
+EXTENSION_KEY = "staleguard_prometheus"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Metrics:
+    checkouts: Counter
+    replaced: Counter
+    disconnects: Counter
+    leaks: Counter
+    idle_budget: Gauge
+
+
+# One set per registry: prometheus_client refuses to register a name twice, and
+# several apps in one process share the metrics (told apart by the bind label).
+_metrics: dict[int, _Metrics] = {}
+
+
+def _metrics_for(registry: CollectorRegistry) -> _Metrics:
+    metrics = _metrics.get(id(registry))
+    if metrics is None:
+        metrics = _metrics[id(registry)] = _Metrics(
+            Counter(
+                "staleguard_checkouts",
+                "Connections handed out by the pool.",
+                ["bind"],
+                registry=registry,
+            ),
+            Counter(
+                "staleguard_replaced",
+                "Stale connections replaced at checkout, by reason.",
+                ["bind", "reason"],
+                registry=registry,
+            ),
+            Counter(
+                "staleguard_disconnects",
+                "Statements that failed because the connection was gone, by code.",
+                ["bind", "code"],
+                registry=registry,
+            ),
+            Counter(
+                "staleguard_leaks",
+                "Connections still checked out when their app context ended.",
+                ["bind", "reclaimed"],
+                registry=registry,
+            ),
+            Gauge(
+                "staleguard_idle_budget_seconds",
+                "How long a pooled connection may idle before it is replaced.",
+                ["bind"],
+                registry=registry,
+                multiprocess_mode="mostrecent",
+            ),
+        )
+    return metrics
+
+
+class StaleGuardMetrics:
+    """Exports each bind's counters of one app to Prometheus.
+
+    Call :meth:`init_app` after ``guard.init_app(app)`` and ``db.init_app(app)``:
+    it listens to the engines Flask-SQLAlchemy made.
+
+    :param registry: Where to register the metrics; the default registry unless
+        given.
+    """
+
+    def __init__(
+        self, app: Flask | None = None, *, registry: CollectorRegistry = REGISTRY
+    ) -> None:
+        self.registry = registry
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Start counting ``app``'s checkouts, replacements, disconnects and leaks."""
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError(
+                "A 'StaleGuardMetrics' instance is already registered on this app."
+            )
+        metrics = _metrics_for(self.registry)
+        receivers = [
+            _export(bind, engine_for(app, bind.key), metrics)
+            for bind in get_state(app).binds.values()
+        ]
+        # The signals hold their receivers weakly: the app holds them instead, so
+        # they go when the app goes.
+        app.extensions[EXTENSION_KEY] = (self, receivers)
+
+
+def _export(
+    bind: BindGuard, engine: sa.engine.Engine, metrics: _Metrics
+) -> tuple[t.Callable[..., None], ...]:
+    """Count ``bind``'s events with the receivers returned."""
+    name = bind.name
+    checkouts = metrics.checkouts.labels(name)  # resolved once: checkouts are hot
+    metrics.idle_budget.labels(name).set(bind.budget)
+
+    def on_checkout(*args: t.Any) -> None:
+        checkouts.inc()
+
+    def on_replaced(sender: BindGuard, reason: str, **kwargs: t.Any) -> None:
+        metrics.replaced.labels(name, reason).inc()
+        # A replacement may follow a newly learnt timeout; keep the gauge current.
+        metrics.idle_budget.labels(name).set(sender.budget)
+
+    def on_disconnect(sender: BindGuard, code: str, **kwargs: t.Any) -> None:
+        metrics.disconnects.labels(name, code).inc()
+
+    def on_leak(sender: BindGuard, reclaimed: bool, **kwargs: t.Any) -> None:
+        metrics.leaks.labels(name, str(reclaimed).lower()).inc()
+
+    # insert=True: ahead of the guard's own listener, which raises to replace a
+    # stale connection, so the count matches guard.stats()["checkouts"].
+    event.listen(engine, "checkout", on_checkout, insert=True)
+    connection_replaced.connect(on_replaced, sender=bind)
+    disconnect_seen.connect(on_disconnect, sender=bind)
+    leak_detected.connect(on_leak, sender=bind)
+    return on_checkout, on_replaced, on_disconnect, on_leak
+
+
+def generate(registry: CollectorRegistry | None = None) -> tuple[bytes, str]:
+    """The exposition text and its content type.
+
+    With ``PROMETHEUS_MULTIPROC_DIR`` set and no ``registry`` given, it sums the
+    files of every process (every gunicorn worker).
+    """
+    if registry is None:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        else:
+            registry = REGISTRY
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def metrics_view() -> Response:
+    """A Flask view serving :func:`generate`'s output, e.g.
+    ``app.add_url_rule("/metrics", view_func=metrics_view)``.
+    """
+    data, content_type = generate()
+    return Response(data, content_type=content_type)

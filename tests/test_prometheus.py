@@ -1,0 +1,165 @@
+"""The Prometheus exporter: the guard's counters as metrics, summed over gunicorn
+workers in prometheus_client's multiprocess mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import typing as t
+import urllib.request
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+import flask_staleguard
+from flask_staleguard.prometheus import generate
+from flask_staleguard.prometheus import StaleGuardMetrics
+from tests.conftest import AppFactory
+from tests.conftest import connection_id
+from tests.servers import free_port
+from tests.servers import MariaDBServer
+from tests.servers import wait_for_port
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The exposition text as {(name, sorted labels): value}."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_counters_follow_guard_stats(make_app: AppFactory, mariadb_url: str) -> None:
+    registry = CollectorRegistry()
+    # A declared 1 s timeout makes the idle budget 0.9 s.
+    app, db = make_app(mariadb_url, STALEGUARD_SERVER_TIMEOUT=1)
+    StaleGuardMetrics(app, registry=registry)
+    with app.app_context():
+        connection_id(db)
+        time.sleep(1.0)
+        connection_id(db)  # replaced: idle past the budget
+        leaked = db.engine.connect()  # reclaimed when the context ends
+    leaked.close()
+    stats = app.extensions["staleguard"].guard.stats(app)["default"]
+    assert stats["replaced"] == {"idle_budget": 1} and stats["leaks_detected"] == 1
+    text, content_type = generate(registry)
+    assert content_type.startswith("text/plain")
+    found = samples(text.decode())
+    bind = ("bind", "default")
+    assert found[("staleguard_checkouts_total", (bind,))] == stats["checkouts"] == 4
+    reason = ("reason", "idle_budget")
+    assert found[("staleguard_replaced_total", (bind, reason))] == 1
+    assert found[("staleguard_leaks_total", (bind, ("reclaimed", "true")))] == 1
+    assert found[("staleguard_idle_budget_seconds", (bind,))] == 0.9
+
+
+def test_disconnects_are_counted_by_code(
+    make_app: AppFactory, mariadb: MariaDBServer
+) -> None:
+    registry = CollectorRegistry()
+    app, db = make_app(mariadb.user_url, STALEGUARD_STRATEGY="off")
+    StaleGuardMetrics(app, registry=registry)
+    with app.app_context():
+        connection_id(db)
+        mariadb.kill_connections(user="sg")
+        time.sleep(0.2)
+        with pytest.raises(sa.exc.OperationalError):
+            connection_id(db)
+    (code,) = app.extensions["staleguard"].guard.stats(app)["default"]["disconnects"]
+    found = samples(generate(registry)[0].decode())
+    key = ("staleguard_disconnects_total", (("bind", "default"), ("code", code)))
+    assert found[key] == 1
+    # strategy "off": no idle budget at all.
+    assert found[("staleguard_idle_budget_seconds", (("bind", "default"),))] == float(
+        "inf"
+    )
+
+
+def test_one_exporter_per_app(make_app: AppFactory, mariadb_url: str) -> None:
+    registry = CollectorRegistry()
+    app, db = make_app(mariadb_url)
+    exporter = StaleGuardMetrics(app, registry=registry)
+    with pytest.raises(RuntimeError, match="already registered"):
+        exporter.init_app(app)
+    # Two apps share the registry's metrics.
+    other, _ = make_app(mariadb_url)
+    StaleGuardMetrics(other, registry=registry)
+
+
+METRICS_APP = """\
+import os
+
+import sqlalchemy as sa
+from flask import Flask
+from flask import jsonify
+from flask_sqlalchemy import SQLAlchemy
+
+from flask_staleguard import StaleGuard
+from flask_staleguard.prometheus import metrics_view
+from flask_staleguard.prometheus import StaleGuardMetrics
+
+app = Flask(__name__)
+app.config["SQLALCHEMY_DATABASE_URI"] = os.environ["SG_TEST_URL"]
+StaleGuard(app)
+db = SQLAlchemy(app)
+StaleGuardMetrics(app)
+app.add_url_rule("/metrics", view_func=metrics_view)
+
+
+@app.get("/query")
+def query():
+    db.session.execute(sa.text("SELECT 1"))
+    return jsonify(pid=os.getpid())
+"""
+
+
+def test_gunicorn_workers_are_summed(tmp_path: Path, mariadb_url: str) -> None:
+    (tmp_path / "sg_metrics_app.py").write_text(METRICS_APP)
+    metrics_dir = tmp_path / "prometheus"
+    metrics_dir.mkdir()
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(flask_staleguard.__file__).parent.parent),
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "SG_TEST_URL": mariadb_url,
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}"]
+        + ["--chdir", str(tmp_path), "sg_metrics_app:app"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_for_port("127.0.0.1", port, 30, lambda: server.poll() is None)
+        base = f"http://127.0.0.1:{port}"
+
+        def get(path: str) -> bytes:
+            with urllib.request.urlopen(base + path, timeout=10) as response:
+                return t.cast(bytes, response.read())
+
+        pids: set[int] = set()
+        requests = 0
+        # Each request may land on either worker; go on until both answered.
+        while len(pids) < 2 and requests < 400:
+            pids.add(json.loads(get("/query"))["pid"])
+            requests += 1
+        assert len(pids) == 2, "one gunicorn worker served every request"
+        found = samples(get("/metrics").decode())
+    finally:
+        server.terminate()
+        _, stderr = server.communicate(timeout=30)
+    # One worker answered the scrape, yet the count covers both.
+    checkouts = found[("staleguard_checkouts_total", (("bind", "default"),))]
+    assert checkouts == requests, stderr.decode()
+    budget = found[("staleguard_idle_budget_seconds", (("bind", "default"),))]
+    assert budget == 28770.0
