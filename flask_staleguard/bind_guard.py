@@ -101,7 +101,7 @@ class BindGuard:
         self.server_timeout = server_timeout
         self.budget = self._budget_for(server_timeout)
         #: The engine options this strategy asks for.
-        self.derived = derive_engine_options(self.strategy, self.budget)
+        self.derived = derive_engine_options(self.strategy, _finite(self.budget))
         #: Those of :attr:`derived` the user had not set, so the guard applied them.
         self.applied: dict[str, t.Any] = {}
         self.stats = BindStats()
@@ -250,7 +250,7 @@ class BindGuard:
             was, self.server_timeout = self.server_timeout, timeout
             self.provisional = False
             self.budget = self._budget_for(timeout)
-            self.derived = derive_engine_options(self.strategy, self.budget)
+            self.derived = derive_engine_options(self.strategy, _finite(self.budget))
             recycle = self.derived.get("pool_recycle", -1)
             if (
                 "pool_recycle" in self.applied
@@ -366,6 +366,11 @@ class BindGuard:
                     now - checkout.at,
                     _seconds(threshold),
                 )
+
+
+def _finite(budget: float) -> float | None:
+    """The budget for derivation: ``None`` when there is no idle limit at all."""
+    return None if math.isinf(budget) else budget
 
 
 def _seconds(value: float | None) -> str:

@@ -8,6 +8,16 @@ import typing as t
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
+#: The keyword each driver takes for its connect timeout, in whole seconds.
+CONNECT_TIMEOUT_ARGS = {
+    "pymysql": "connect_timeout",
+    "mysqldb": "connect_timeout",
+    "mariadbconnector": "connect_timeout",
+    "psycopg": "connect_timeout",
+    "psycopg2": "connect_timeout",
+    "pg8000": "timeout",
+}
+
 #: MySQL's and MariaDB's default ``wait_timeout``: assumed until a connection
 #: succeeds and says otherwise.
 MYSQL_DEFAULT_TIMEOUT = 28800.0
@@ -69,7 +79,9 @@ def discover(
     """
     kind = flavor(url)
     connect_args = dict(options.get("connect_args") or {})
-    connect_args.setdefault("connect_timeout", max(1, math.ceil(timeout)))
+    keyword = CONNECT_TIMEOUT_ARGS.get(url.get_driver_name())
+    if keyword is not None:
+        connect_args.setdefault(keyword, max(1, math.ceil(timeout)))
     engine = sa.create_engine(url, poolclass=NullPool, connect_args=connect_args)
     try:
         raw = engine.raw_connection()

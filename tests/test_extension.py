@@ -259,3 +259,22 @@ def test_unreachable_port_does_not_block_startup(
     assert time.monotonic() - started < 5
     assert bind_of(app).provisional
     assert logging.WARNING in {r.levelno for r in guard_log.records}
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [
+        ("guard", {"pool_recycle": -1}),
+        ("recycle", {"pool_recycle": -1}),
+        ("pre_ping", {"pool_recycle": -1, "pool_pre_ping": True}),
+    ],
+)
+def test_postgres_without_idle_timeout(
+    make_app: AppFactory, postgres_url: str, strategy: str, expected: dict[str, t.Any]
+) -> None:
+    # idle_session_timeout = 0: nothing closes idle sessions, there is no budget.
+    app, db = make_app(postgres_url, STALEGUARD_STRATEGY=strategy)
+    assert bind_of(app).server_timeout is None
+    assert bind_of(app).applied == expected
+    with app.app_context():
+        assert db.session.execute(sa.text("SELECT 1")).scalar_one() == 1
