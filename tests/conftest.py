@@ -16,6 +16,7 @@ from flask_sqlalchemy import SQLAlchemy
 
 from flask_staleguard import StaleGuard
 from tests.servers import MariaDBServer
+from tests.servers import PostgresServer
 
 #: The machine's shared MariaDB: read-only use; never change its globals or KILL.
 SHARED_MARIADB_URL = os.environ.get(
@@ -82,6 +83,27 @@ def short_timeout(mariadb: MariaDBServer) -> MariaDBServer:
     """The private MariaDB with ``wait_timeout=2`` for every new connection."""
     mariadb.set_global("wait_timeout", 2)
     return mariadb
+
+
+@pytest.fixture(scope="session")
+def private_postgres(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[PostgresServer]:
+    """A PostgreSQL of the test session's own: tests may terminate, restart, kill."""
+    with PostgresServer(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+@pytest.fixture()
+def postgres(private_postgres: PostgresServer) -> Iterator[PostgresServer]:
+    """The private PostgreSQL, running, with ALTER SYSTEM settings reset after."""
+    if not private_postgres.running:
+        private_postgres.start()
+    yield private_postgres
+    if not private_postgres.running:
+        private_postgres.start()
+    private_postgres.execute("ALTER SYSTEM RESET ALL")
+    private_postgres.execute("SELECT pg_reload_conf()")
 
 
 class AppFactory(t.Protocol):

@@ -12,10 +12,12 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import pwd
 import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -29,8 +31,10 @@ from typing import Any
 from typing import IO
 from typing import TypeVar
 
+import psycopg
 import pymysql  # type: ignore[import-untyped, unused-ignore]
 import pymysql.cursors  # type: ignore[import-untyped, unused-ignore]
+from psycopg.rows import dict_row
 from sqlalchemy.engine import make_url
 
 __all__ = [
@@ -40,6 +44,7 @@ __all__ = [
     "HAProxy",
     "MariaDBServer",
     "PgBouncer",
+    "PostgresServer",
     "ServerStartError",
     "free_port",
 ]
@@ -716,3 +721,456 @@ class PgBouncer(_ManagedProcess):
             self.binary,
             str(cfg),
         ]
+
+
+# ---------------------------------------------------------------------------
+
+POSTGRESQL_LIB = Path("/usr/lib/postgresql")
+
+
+def postgres_bindir() -> Path:
+    """The newest installed PostgreSQL's bin dir, e.g. /usr/lib/postgresql/15/bin."""
+    found: list[tuple[tuple[int, ...], Path]] = []
+    with contextlib.suppress(OSError):
+        for entry in POSTGRESQL_LIB.iterdir():
+            bindir = entry / "bin"
+            version = tuple(int(p) for p in re.findall(r"\d+", entry.name))
+            if version and (bindir / "postgres").exists():
+                found.append((version, bindir))
+    if not found:
+        raise RuntimeError(
+            f"no PostgreSQL server under {POSTGRESQL_LIB}; install it with: "
+            "apt-get install -y postgresql"
+        )
+    return max(found)[1]
+
+
+def _reachable_by(path: Path, uid: int) -> bool:
+    """Whether user `uid` may traverse every directory from / down to `path`."""
+    for directory in (path, *path.parents):
+        try:
+            st = directory.stat()
+        except OSError:
+            return False
+        if st.st_uid != uid and not st.st_mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+def _children_of(pid: int) -> list[int]:
+    """Pids whose parent is `pid` (from /proc; empty where there is no /proc)."""
+    children: list[int] = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if len(fields) > 1 and int(fields[1]) == pid:
+                children.append(int(entry.name))
+    return children
+
+
+_S = TypeVar("_S", bound="PostgresServer")
+_live_postgres: set[PostgresServer] = set()
+
+
+@atexit.register
+def _stop_postgres_servers() -> None:
+    # Registered after _stop_all_children, so it runs first: a fast shutdown here
+    # beats the SIGTERM (smart shutdown, waiting for every client) sent there.
+    with _live_lock:
+        servers = list(_live_postgres)
+    for server in servers:
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
+class PostgresServer:
+    """A private PostgreSQL with its own datadir and port: restart, kill, terminate.
+
+    Trust auth for the superuser `postgres`; the database `staleguard` is created on
+    the first start. The server refuses to run as root, so under root it runs as
+    `postgres`, and its datadir lives in a private temp dir when `basedir` is out
+    of that user's reach (pytest's tmp dirs are mode 0700). The log stays in
+    `basedir`.
+    """
+
+    run_as = "postgres"
+
+    def __init__(
+        self,
+        basedir: Path,
+        port: int | None = None,
+        *,
+        settings: Mapping[str, str | int | float] | None = None,
+        bindir: Path | None = None,
+    ) -> None:
+        self.basedir = Path(basedir).resolve()
+        self.log_path = self.basedir / "postgres.log"
+        self.settings = dict(settings or {})
+        self.bindir = Path(bindir) if bindir is not None else postgres_bindir()
+        self._port_fixed = port is not None
+        self._port = port if port is not None else free_port()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._rundir: Path | None = None
+        self._own_rundir = False
+
+    # -- addresses -----------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return LOCALHOST
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@{LOCALHOST}:{self._port}/{DB_NAME}"
+
+    @property
+    def datadir(self) -> Path:
+        return self._runtime_dir() / "data"
+
+    @property
+    def socket_dir(self) -> Path:
+        return self._runtime_dir() / "sock"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    # -- privileges ----------------------------------------------------------
+
+    @property
+    def _as_root(self) -> bool:
+        return os.geteuid() == 0
+
+    def _owner(self) -> tuple[int, int]:
+        if not self._as_root:
+            return os.geteuid(), os.getegid()
+        try:
+            entry = pwd.getpwnam(self.run_as)
+        except KeyError:
+            raise RuntimeError(
+                f"PostgreSQL refuses to run as root and there is no user "
+                f"{self.run_as!r}; install it with: apt-get install -y postgresql"
+            ) from None
+        return entry.pw_uid, entry.pw_gid
+
+    def _as_owner(self, args: Sequence[str]) -> list[str]:
+        """`args`, run as the unprivileged owner of the datadir when we are root."""
+        if not self._as_root:
+            return list(args)
+        if shutil.which("setpriv") is None:
+            raise RuntimeError("setpriv not found; install it with util-linux")
+        # setpriv drops privileges and then sets the parent-death signal, which a
+        # credential change would otherwise clear. SIGINT is a fast shutdown.
+        main = threading.current_thread() is threading.main_thread()
+        return [
+            "setpriv",
+            f"--reuid={self.run_as}",
+            f"--regid={self.run_as}",
+            "--init-groups",
+            f"--pdeathsig={'INT' if main else 'clear'}",
+            "--",
+            *args,
+        ]
+
+    def _runtime_dir(self) -> Path:
+        """Where data and sockets live: basedir if the owner can reach it."""
+        if self._rundir is not None:
+            return self._rundir
+        uid, gid = self._owner()
+        sock = self.basedir / "sock" / f".s.PGSQL.{self._port}"
+        if _reachable_by(self.basedir, uid) and len(str(sock)) <= _MAX_SOCKET_PATH:
+            self._rundir, self._own_rundir = self.basedir, False
+        else:
+            rundir = Path(_make_temp_dir("sg-postgres-"))
+            rundir.chmod(0o755)
+            self._rundir, self._own_rundir = rundir, True
+        for sub, mode in (("data", 0o700), ("sock", 0o755)):
+            path = self._rundir / sub
+            path.mkdir(exist_ok=True)
+            path.chmod(mode)
+            if self._as_root:
+                os.chown(path, uid, gid)
+        return self._rundir
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start postgres (running initdb on first use); wait for connections."""
+        if self.running:
+            return
+        self.basedir.mkdir(parents=True, exist_ok=True)
+        if not (self.datadir / "PG_VERSION").exists():
+            self._initdb()
+        # A free_port() port can be grabbed by someone else before postgres binds
+        # it; only a port nobody has used yet may be swapped for another one.
+        first = not (self._port_fixed or self._initialised_marker.exists())
+        attempts = 3 if first else 1
+        for attempt in range(attempts):
+            try:
+                self._launch()
+                break
+            except ServerStartError:
+                in_use = "already in use" in log_tail(self.log_path, 10)
+                if attempt + 1 == attempts or not in_use:
+                    raise
+                self._port = free_port()
+        if not self._initialised_marker.exists():
+            self.execute(f'CREATE DATABASE "{DB_NAME}"', database="postgres")
+            self._initialised_marker.touch()
+        self._port_fixed = True
+
+    @property
+    def _initialised_marker(self) -> Path:
+        return self._runtime_dir() / ".staleguard-initialised"
+
+    def _initdb(self) -> None:
+        args = [
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.datadir),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+        ]
+        with self.log_path.open("ab") as log:
+            log.write(f"\n=== initdb: {' '.join(args)}\n".encode())
+            log.flush()
+            result = subprocess.run(
+                self._as_owner(args),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=120,
+                check=False,
+            )
+        if result.returncode != 0:
+            raise ServerStartError(
+                f"initdb failed ({result.returncode}):\n{log_tail(self.log_path)}"
+            )
+
+    def _command(self) -> list[str]:
+        settings: dict[str, str | int | float] = {
+            "listen_addresses": LOCALHOST,
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+            **self.settings,
+        }
+        args = [
+            str(self.bindir / "postgres"),
+            "-D",
+            str(self.datadir),
+            "-p",
+            str(self._port),
+            "-k",
+            str(self.socket_dir),
+        ]
+        for name, value in settings.items():
+            args += ["-c", f"{name}={value}"]
+        return self._as_owner(args)
+
+    def _launch(self) -> None:
+        args = self._command()
+        with self.log_path.open("ab") as log:
+            stamp = time.strftime("%H:%M:%S")
+            log.write(f"\n=== {stamp} starting: {' '.join(args)}\n".encode())
+            log.flush()
+            proc = _spawn(args, log)
+        self._proc = proc
+        with _live_lock:
+            _live_postgres.add(self)
+        deadline = time.monotonic() + _START_TIMEOUT_SECONDS
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self._forget(proc)
+                raise ServerStartError(
+                    f"postgres exited with {proc.returncode} while starting on port "
+                    f"{self._port}:\n{log_tail(self.log_path)}"
+                )
+            try:
+                self._connect(database="postgres", connect_timeout=2).close()
+                return
+            except psycopg.OperationalError as exc:
+                last_error = exc
+                time.sleep(0.1)
+        self._shutdown(proc, grace=5.0)
+        raise ServerStartError(
+            f"postgres on port {self._port} did not accept connections within "
+            f"{_START_TIMEOUT_SECONDS:.0f} s (last error: {last_error!r}):\n"
+            f"{log_tail(self.log_path)}"
+        )
+
+    def _forget(self, proc: subprocess.Popen[bytes]) -> None:
+        with _live_lock:
+            _live.discard(proc)
+            if self._proc is proc:
+                self._proc = None
+                _live_postgres.discard(self)
+
+    def _shutdown(
+        self, proc: subprocess.Popen[bytes], grace: float = _STOP_GRACE_SECONDS
+    ) -> None:
+        """Fast shutdown (SIGINT); immediate (SIGQUIT), then SIGKILL if it hangs."""
+        for sig, wait in ((signal.SIGINT, grace), (signal.SIGQUIT, 5.0)):
+            if proc.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=wait)
+        if proc.poll() is None:
+            self._kill_tree(proc)
+        self._forget(proc)
+
+    @staticmethod
+    def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+        # Backends call setsid(), so a process-group kill would miss them; left
+        # alive they would hold the shared memory and block the next start.
+        children = _children_of(proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        proc.wait()
+
+    def stop(self) -> None:
+        """Fast shutdown: backends are terminated, clients see their sockets close."""
+        proc = self._proc
+        if proc is not None:
+            self._shutdown(proc)
+
+    def kill(self) -> None:
+        """SIGKILL postgres and its backends, as in a crash; start() recovers."""
+        proc = self._proc
+        if proc is not None:
+            if proc.poll() is None:
+                self._kill_tree(proc)
+            self._forget(proc)
+
+    def restart(self) -> None:
+        """Stop and start again on the same port and datadir."""
+        self.stop()
+        self.start()
+
+    def remove(self) -> None:
+        """Stop, and delete a private temp datadir (the next start runs initdb)."""
+        self.stop()
+        rundir, self._rundir = self._rundir, None
+        if rundir is not None and self._own_rundir:
+            _remove_temp_dir(str(rundir))
+
+    def __enter__(self: _S) -> _S:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.remove()
+
+    # -- SQL helpers ---------------------------------------------------------
+
+    def _connect(
+        self, database: str = DB_NAME, connect_timeout: int = 5
+    ) -> psycopg.Connection[tuple[Any, ...]]:
+        return psycopg.connect(
+            host=LOCALHOST,
+            port=self._port,
+            user="postgres",
+            dbname=database,
+            autocommit=True,
+            connect_timeout=connect_timeout,
+            application_name="staleguard-tests-admin",
+        )
+
+    def execute(
+        self,
+        sql: str,
+        params: Sequence[Any] | Mapping[str, Any] | None = None,
+        *,
+        database: str = DB_NAME,
+    ) -> list[tuple[Any, ...]]:
+        """Run one statement on a fresh autocommit superuser connection; all rows."""
+        with self._connect(database=database) as conn:
+            cur = conn.execute(sql.encode(), params)  # bytes: no LiteralString check
+            return list(cur.fetchall()) if cur.description is not None else []
+
+    def alter_system(self, name: str, value: str | int | float | None) -> None:
+        """ALTER SYSTEM SET (RESET when None) and reload; new sessions see it."""
+        if not _IDENTIFIER.match(name):
+            raise ValueError(f"not a configuration parameter name: {name!r}")
+        if value is None:
+            self.execute(f"ALTER SYSTEM RESET {name}")
+        else:
+            literal = str(value).replace("'", "''")
+            self.execute(f"ALTER SYSTEM SET {name} = '{literal}'")
+        self.execute("SELECT pg_reload_conf()")
+
+    def backends(self) -> list[dict[str, Any]]:
+        """pg_stat_activity rows of client backends, minus our own."""
+        with self._connect() as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                "SELECT * FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+                " AND backend_type = 'client backend' ORDER BY pid"
+            )
+            return list(cur.fetchall())
+
+    def terminate_backends(
+        self, application_name: str | None = None, state: str | None = "idle"
+    ) -> list[int]:
+        """pg_terminate_backend matching client backends (any if None), not our own.
+
+        Waits until each has exited, so its client's socket is already closed.
+        Returns the pids terminated.
+        """
+        where = ["pid <> pg_backend_pid()", "backend_type = 'client backend'"]
+        params: list[Any] = []
+        if application_name is not None:
+            where.append("application_name = %s")
+            params.append(application_name)
+        if state is not None:
+            where.append("state = %s")
+            params.append(state)
+        sql = f"SELECT pid FROM pg_stat_activity WHERE {' AND '.join(where)}"
+        terminated: list[int] = []
+        # Since PostgreSQL 14 a timeout makes pg_terminate_backend wait for the exit.
+        with self._connect() as conn:
+            wait = conn.info.server_version >= 140000
+            terminate = (
+                b"SELECT pg_terminate_backend(%s, 5000)"
+                if wait
+                else b"SELECT pg_terminate_backend(%s)"
+            )
+            pids = [int(row[0]) for row in conn.execute(sql.encode(), params)]
+            for pid in pids:
+                row = conn.execute(terminate, (pid,)).fetchone()
+                if row is not None and row[0]:
+                    terminated.append(pid)
+        return terminated
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<PostgresServer {self.basedir} port={self._port} {state}>"

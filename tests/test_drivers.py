@@ -1,7 +1,8 @@
-"""The guard with mysqlclient, the other MySQL driver with a reachable socket."""
+"""The guard with other drivers: mysqlclient, and psycopg2 for PostgreSQL."""
 
 from __future__ import annotations
 
+import importlib
 import time
 
 import pytest
@@ -11,6 +12,7 @@ from flask_sqlalchemy import SQLAlchemy
 
 from tests.conftest import AppFactory
 from tests.servers import MariaDBServer
+from tests.servers import PostgresServer
 
 
 def _ids(app: Flask, db: SQLAlchemy, n: int) -> list[int]:
@@ -64,3 +66,65 @@ def test_mysqlclient_without_guard_fails(
     time.sleep(0.3)
     with pytest.raises(sa.exc.OperationalError):
         _ids(app, db, 1)
+
+
+def _pids(app: Flask, db: SQLAlchemy, n: int) -> list[int]:
+    out = []
+    with app.app_context():
+        for _ in range(n):
+            with db.engine.connect() as conn:
+                out.append(
+                    int(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+                )
+    return out
+
+
+@pytest.fixture()
+def psycopg2_url(postgres: PostgresServer) -> str:
+    # Not importorskip: tox installs psycopg2-binary, and a skip proves nothing.
+    importlib.import_module("psycopg2")
+    return postgres.url.replace("postgresql+psycopg://", "postgresql+psycopg2://")
+
+
+def test_psycopg2_terminated_backend_is_replaced_only_with_the_guard(
+    make_app: AppFactory, postgres: PostgresServer, psycopg2_url: str
+) -> None:
+    one = {"pool_size": 1, "max_overflow": 0}
+    guarded, guarded_db = make_app(
+        psycopg2_url,
+        SQLALCHEMY_ENGINE_OPTIONS={
+            **one,
+            "connect_args": {"application_name": "staleguard-psycopg2-guarded"},
+        },
+        STALEGUARD_SERVER_TIMEOUT=28800,  # only the socket probe can act
+    )
+    unguarded, unguarded_db = make_app(
+        psycopg2_url,
+        guard=False,
+        SQLALCHEMY_ENGINE_OPTIONS={
+            **one,
+            "connect_args": {"application_name": "staleguard-psycopg2-unguarded"},
+        },
+    )
+    with guarded.app_context():
+        assert guarded_db.engine.dialect.driver == "psycopg2"
+    first = _pids(guarded, guarded_db, 2)
+    assert first[0] == first[1]
+    control = _pids(unguarded, unguarded_db, 1)[0]
+    # Waits until the backends have exited: their sockets are closed by now.
+    killed = postgres.terminate_backends(application_name="staleguard-psycopg2-guarded")
+    assert killed == [first[0]]
+    killed = postgres.terminate_backends(
+        application_name="staleguard-psycopg2-unguarded"
+    )
+    assert killed == [control]
+
+    with pytest.raises(sa.exc.OperationalError):
+        _pids(unguarded, unguarded_db, 1)
+
+    second = _pids(guarded, guarded_db, 1)[0]
+    assert second != first[0]
+    replaced = guarded.extensions["staleguard"].binds[None].stats.replaced
+    assert sum(replaced.values()) == 1
+    assert "idle_budget" not in replaced
+    assert all(reason.startswith("probe_") for reason in replaced)

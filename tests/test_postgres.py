@@ -1,7 +1,8 @@
-"""PostgreSQL: idle_session_timeout, terminated backends, and NOTIFY on the socket.
+"""PostgreSQL: idle_session_timeout, terminated backends, restarts, and NOTIFY.
 
-Against the shared server, changing nothing global: the short timeout is set per
-session through ``options``, and only this test's own backends are terminated.
+Reading tests use the shared server, changing nothing global: the short timeout is
+set per session through ``options``. Tests that terminate backends or restart the
+server use the session's private PostgreSQL (the ``postgres`` fixture).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flask_sqlalchemy import SQLAlchemy
 
 from flask_staleguard import probe
 from tests.conftest import AppFactory
+from tests.servers import PostgresServer
 
 PID = "SELECT pg_backend_pid()"
 POOL: dict[str, t.Any] = {"pool_size": 4, "max_overflow": 0}
@@ -25,6 +27,13 @@ SHORT: dict[str, t.Any] = {
     **POOL,
     "connect_args": {"options": "-c idle_session_timeout=2000"},
 }
+#: On the private server, each app's backends are told apart by application_name.
+GUARDED = "staleguard-guarded"
+UNGUARDED = "staleguard-unguarded"
+
+
+def pool_as(application_name: str) -> dict[str, t.Any]:
+    return {**POOL, "connect_args": {"application_name": application_name}}
 
 
 def add_route(app: Flask, db: SQLAlchemy) -> None:
@@ -58,12 +67,6 @@ def raw_connect(postgres_url: str) -> psycopg.Connection[t.Any]:
         dbname=url.database,
         autocommit=True,
     )
-
-
-def terminate(postgres_url: str, pids: set[int]) -> None:
-    with raw_connect(postgres_url) as conn:
-        for pid in pids:
-            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
 
 def replaced(app: Flask) -> dict[str, int]:
@@ -102,15 +105,23 @@ def test_idle_session_timeout_fails_without_guard(
         app.test_client().get("/q")
 
 
+def probe_only(app: Flask) -> bool:
+    """Whether every replacement was the socket probe's doing."""
+    return all(reason.startswith("probe_") for reason in replaced(app))
+
+
 @pytest.mark.parametrize("guard", [True, False])
 def test_terminated_idle_backends(
-    make_app: AppFactory, postgres_url: str, guard: bool
+    make_app: AppFactory, postgres: PostgresServer, guard: bool
 ) -> None:
-    app, db = make_app(postgres_url, guard=guard, SQLALCHEMY_ENGINE_OPTIONS=POOL)
+    name = GUARDED if guard else UNGUARDED
+    app, db = make_app(
+        postgres.url, guard=guard, SQLALCHEMY_ENGINE_OPTIONS=pool_as(name)
+    )
     add_route(app, db)
     before = warm(app, db)
-    terminate(postgres_url, before)
-    time.sleep(0.3)
+    # Waits until the backends have exited: their sockets are closed by now.
+    assert set(postgres.terminate_backends(application_name=name)) == before
     if not guard:
         with pytest.raises(sa.exc.OperationalError):
             app.test_client().get("/q")
@@ -118,6 +129,35 @@ def test_terminated_idle_backends(
     assert not before & request_pids(app)
     assert sum(replaced(app).values()) >= 1
     assert "idle_budget" not in replaced(app)
+    assert probe_only(app)
+
+
+def test_restart_is_survived_only_with_the_guard(
+    make_app: AppFactory, postgres: PostgresServer
+) -> None:
+    guarded, guarded_db = make_app(
+        postgres.url,
+        SQLALCHEMY_ENGINE_OPTIONS=pool_as(GUARDED),
+        STALEGUARD_SERVER_TIMEOUT=28800,  # only the socket probe can act
+    )
+    unguarded, unguarded_db = make_app(
+        postgres.url, guard=False, SQLALCHEMY_ENGINE_OPTIONS=pool_as(UNGUARDED)
+    )
+    add_route(guarded, guarded_db)
+    add_route(unguarded, unguarded_db)
+    before = warm(guarded, guarded_db)
+    warm(unguarded, unguarded_db)
+    old_postmaster = postgres.pid
+    # A fast shutdown terminates every backend; the port stays the same.
+    postgres.restart()
+    assert postgres.pid != old_postmaster
+    with pytest.raises(sa.exc.OperationalError):
+        unguarded.test_client().get("/q")
+    after = request_pids(guarded)
+    assert after and not before & after
+    assert sum(replaced(guarded).values()) == len(before)
+    assert "idle_budget" not in replaced(guarded)
+    assert probe_only(guarded)
 
 
 def test_pending_notify_does_not_discard_the_connection(
