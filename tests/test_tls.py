@@ -5,6 +5,7 @@ from __future__ import annotations
 import ssl
 import subprocess
 import time
+import typing as t
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,14 @@ import sqlalchemy as sa
 from tests.conftest import AppFactory
 from tests.conftest import connection_id
 from tests.servers import MariaDBServer
+
+
+def tls_options(**options: t.Any) -> dict[str, t.Any]:
+    """Engine options that ask for TLS: PyMySQL before 1.2 does not by default."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the throwaway certificate is self-signed
+    return {**options, "connect_args": {"ssl": context}}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +44,7 @@ def tls_mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDBSer
 def test_connections_really_use_tls(
     make_app: AppFactory, tls_mariadb: MariaDBServer
 ) -> None:
-    app, db = make_app(tls_mariadb.url)
+    app, db = make_app(tls_mariadb.url, SQLALCHEMY_ENGINE_OPTIONS=tls_options())
     with app.app_context(), db.engine.connect() as conn:
         dbapi = conn.connection.dbapi_connection
         assert isinstance(dbapi._sock, ssl.SSLSocket)  # type: ignore[union-attr]
@@ -46,7 +55,9 @@ def test_connections_really_use_tls(
 def test_healthy_tls_connection_is_kept(
     make_app: AppFactory, tls_mariadb: MariaDBServer
 ) -> None:
-    app, db = make_app(tls_mariadb.url, SQLALCHEMY_ENGINE_OPTIONS={"pool_size": 1})
+    app, db = make_app(
+        tls_mariadb.url, SQLALCHEMY_ENGINE_OPTIONS=tls_options(pool_size=1)
+    )
     with app.app_context():
         first = connection_id(db)
         for _ in range(3):
@@ -61,7 +72,7 @@ def test_tls_connection_killed_or_timed_out_is_replaced(
     # A declared timeout far above the real one: only the probe can save this.
     app, db = make_app(
         tls_mariadb.url,
-        SQLALCHEMY_ENGINE_OPTIONS={"pool_size": 2, "max_overflow": 0},
+        SQLALCHEMY_ENGINE_OPTIONS=tls_options(pool_size=2, max_overflow=0),
         STALEGUARD_SERVER_TIMEOUT=28800,
     )
     tls_mariadb.set_global("wait_timeout", 1)
