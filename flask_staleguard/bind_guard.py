@@ -19,6 +19,7 @@ import weakref
 
 import sqlalchemy as sa
 from flask.globals import _cv_app
+from flask.globals import _cv_request
 from sqlalchemy import event
 from sqlalchemy.exc import DisconnectionError
 
@@ -49,6 +50,7 @@ _RETURNED = "staleguard.returned"
 _BUDGET = "staleguard.budget"
 _PROBE = "staleguard.probe"
 _IDLE = "staleguard.idle"
+_FIRST = "staleguard.first"
 
 _pid = os.getpid()
 
@@ -65,10 +67,14 @@ os.register_at_fork(after_in_child=_note_fork)
 class Checkout(t.NamedTuple):
     """A connection the app holds: who took it, where, and when."""
 
+    #: ``id()`` of the app context that took it, or ``None``.
     context: int | None
     proxy: weakref.ref[t.Any]
+    #: The app's frames that took it, when recorded.
     site: Site
     at: float
+    #: The request context that took it, if any.
+    request: t.Any
 
 
 class BindGuard:
@@ -111,6 +117,9 @@ class BindGuard:
         self._watching = self.strategy != "off"
         self._engines: weakref.WeakSet[sa.engine.Engine] = weakref.WeakSet()
         self._dialect: t.Any = None
+        #: Whether checkouts in app contexts record their site: from the bind's
+        #: first leak on, or always when leaks raise (test suites).
+        self._sites = self.leak_policy == "raise"
         self._held_scan = 0.0
         self._reported: dict[t.Any, Checkout] = {}
         self._lock = threading.Lock()
@@ -139,7 +148,10 @@ class BindGuard:
         event.listen(engine, "checkin", self._on_checkin)
         event.listen(engine, "detach", self._on_detach)
         event.listen(engine, "handle_error", self._on_error)
-        event.listen(engine, "after_cursor_execute", self._on_executed)
+        # Dialect-level hooks: an engine-level statement event would switch on
+        # SQLAlchemy's per-statement event dispatch, for every statement.
+        for name in ("do_execute", "do_execute_no_params", "do_executemany"):
+            event.listen(engine, name, self._on_statement)
 
     # -- pool events ---------------------------------------------------------------
 
@@ -168,15 +180,16 @@ class BindGuard:
     ) -> None:
         self.stats.checkouts += 1
         info = record.info
-        if info.get(_PID, _pid) != _pid:
-            # Closing the parent's socket would send COM_QUIT on the parent's
-            # connection; drop it instead (SQLAlchemy's multiprocessing recipe).
-            record.dbapi_connection = proxy.dbapi_connection = None
-            raise self._replace("fork", None)
+        now = time.monotonic()
         returned = info.get(_RETURNED)
         if returned is not None:
-            now = time.monotonic()
+            if info.get(_PID) != _pid:
+                # Closing the parent's socket would send COM_QUIT on the parent's
+                # connection; drop it instead (SQLAlchemy's multiprocessing recipe).
+                record.dbapi_connection = proxy.dbapi_connection = None
+                raise self._replace("fork", None)
             idle = info[_IDLE] = now - returned
+            info[_FIRST] = True
             if self._guarding:
                 if idle > info.get(_BUDGET, self.budget):
                     raise self._replace("idle_budget", idle)
@@ -186,12 +199,21 @@ class BindGuard:
                     if verdict is not None:
                         self._judge(verdict, dbapi_connection, idle)
         ctx = _cv_app.get(None)
-        self.checked_out[record] = Checkout(
-            None if ctx is None else id(ctx),
-            weakref.ref(proxy),
-            checkout_site(),
-            time.monotonic(),
-        )
+        if ctx is None:
+            held = self.leak_threshold is not None
+            self.checked_out[record] = Checkout(
+                None, weakref.ref(proxy), checkout_site() if held else (), now, None
+            )
+        else:
+            # The stack walk is most of a checkout's cost, so it waits for the
+            # bind's first leak; that one is reported by its request instead.
+            self.checked_out[record] = Checkout(
+                id(ctx),
+                weakref.ref(proxy),
+                checkout_site() if self._sites else (),
+                now,
+                _cv_request.get(None),
+            )
         if self.leak_threshold is not None:
             self._report_held()
 
@@ -200,12 +222,15 @@ class BindGuard:
             record.info[_RETURNED] = time.monotonic()
         self.checked_out.pop(record, None)
 
-    def _on_executed(self, conn: t.Any, *args: t.Any) -> None:
-        # A statement got through: a later failure on this checkout happened while
-        # in use, and the idle time before it no longer explains anything.
-        info = conn.info
-        if _IDLE in info:
-            del info[_IDLE]
+    def _on_statement(self, *args: t.Any) -> None:
+        """Before each statement: once a checkout's first statement went through,
+        the idle time before it no longer explains a failure."""
+        try:
+            info = args[-1].root_connection.connection.info
+        except Exception:  # the dialect's own first-connect queries have no record
+            return
+        if not info.pop(_FIRST, False):
+            info.pop(_IDLE, None)
 
     def _on_detach(self, dbapi_connection: t.Any, record: t.Any) -> None:
         self.checked_out.pop(record, None)
@@ -320,26 +345,29 @@ class BindGuard:
         proxy = checkout.proxy()
         reclaim = self.leak_policy != "warn" and proxy is not None
         logger.warning(
-            "bind %s: a connection checked out at %s was not returned when its app"
-            " context ended; %s",
+            "bind %s: a connection checked out %s was not returned when its app"
+            " context ended; %s%s",
             self.name,
-            format_site(checkout.site),
+            _where(checkout),
             "rolled back and returned to the pool"
             if reclaim
             else "left checked out (STALEGUARD_LEAKS='warn')",
+            "" if self._sites else "; file and line are recorded for the next leaks",
         )
+        self._sites = True
         if reclaim:
             try:
                 proxy.close()  # type: ignore[union-attr]
-            except (
-                Exception
-            ) as e:  # a failed rollback leaves SQLAlchemy to invalidate it
+            except Exception as e:  # a failed rollback: SQLAlchemy invalidates it
                 logger.warning(
                     "bind %s: could not return the connection: %s", self.name, e
                 )
             self.checked_out.pop(record, None)
             with self.stats._lock:
                 self.stats.leaks_reclaimed += 1
+        elif self.checked_out.get(record) is checkout:
+            # Reported once; from now on it is held outside any app context.
+            self.checked_out[record] = checkout._replace(context=None, request=None)
         leak_detected.send(self, site=checkout.site, reclaimed=reclaim)
 
     def _report_held(self) -> None:
@@ -359,13 +387,21 @@ class BindGuard:
             ):
                 self._reported[record] = checkout
                 logger.warning(
-                    "bind %s: a connection checked out at %s has been held for %.0f s"
+                    "bind %s: a connection checked out %s has been held for %.0f s"
                     " (STALEGUARD_LEAK_THRESHOLD=%s)",
                     self.name,
-                    format_site(checkout.site),
+                    _where(checkout),
                     now - checkout.at,
                     _seconds(threshold),
                 )
+
+
+def _where(checkout: Checkout) -> str:
+    """``at file:line in function ...``, or the request that took the connection."""
+    if checkout.site or checkout.request is None:
+        return f"at {format_site(checkout.site)}"
+    request = checkout.request.request
+    return f"during {request.method} {request.path} (endpoint {request.endpoint!r})"
 
 
 def _finite(budget: float) -> float | None:

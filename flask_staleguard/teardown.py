@@ -49,13 +49,16 @@ def clean_up(app: Flask, state: GuardState) -> None:
     leaks = 0
     try:
         db = app.extensions.get("sqlalchemy")
-        if db is not None:
+        # An empty registry (the usual case: Flask-SQLAlchemy removed the
+        # session) needs no lookup of the current scope.
+        if db is not None and getattr(db.session.registry, "registry", True):
             remove_session(db.session, "db.session", abnormal=True)
         for session in state.guard.sessions:
             remove_session(session, repr(session), abnormal=False)
-        ctx = _cv_app.get(None)
+        busy = [bind for bind in state.binds.values() if bind.checked_out]
+        ctx = _cv_app.get(None) if busy else None
         if ctx is not None:
-            for bind in state.binds.values():
+            for bind in busy:
                 for record, checkout in bind.leaks_of(id(ctx)):
                     bind.reclaim(record, checkout)
                     leaks += 1
