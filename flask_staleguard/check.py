@@ -14,10 +14,10 @@ import typing as t
 import sqlalchemy as sa
 from flask import Flask
 
-from .inspect import format_table
 from .inspect import pool_report
 from .inspect import Report
 from .inspect import SCHEMA
+from .tables import format_table
 
 #: ``pool_recycle`` does not come before the server's idle timeout, and nothing
 #: checks a connection at checkout: the seed of "MySQL server has gone away".

@@ -11,7 +11,6 @@ from flask.cli import AppGroup
 
 from .check import check
 from .check import format_check
-from .inspect import format_pool
 from .inspect import pool_snapshot
 from .inspect import SCHEMA
 from .inspect import UnknownBind
@@ -19,6 +18,7 @@ from .probe_idle import click_progress
 from .probe_idle import format_probe
 from .probe_idle import probe_idle
 from .probe_idle import Unreachable
+from .tables import format_pool
 
 cli = AppGroup(
     "staleguard", help="Inspect the connection pools and check their settings."

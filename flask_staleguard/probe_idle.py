@@ -30,9 +30,9 @@ from . import probe
 from .bind_guard import BindGuard
 from .discovery import session_idle_timeout
 from .inspect import engine_for
-from .inspect import one_line
-from .inspect import seconds_text
 from .inspect import select_binds
+from .redact import one_line
+from .tables import seconds_text
 
 #: Connections idled at once in each narrowing round: more cut a range finer per
 #: round (a round lasts as long as its longest interval).

@@ -1,0 +1,165 @@
+"""Human output of the ``flask staleguard`` commands: aligned, secret-free tables."""
+
+from __future__ import annotations
+
+import math
+import typing as t
+
+Report = dict[str, t.Any]
+
+
+def format_table(headers: t.Sequence[str], rows: t.Iterable[t.Sequence[t.Any]]) -> str:
+    """Columns aligned under a dashed header, as ``flask routes`` prints them."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [
+        max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(headers)
+    ]
+    lines = [headers, ["-" * w for w in widths], *cells]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+        for line in lines
+    )
+
+
+def seconds_text(value: float | None) -> str:
+    """``"28800 s"``, ``"1.8 s"``, or ``"none"`` for no timer."""
+    if value is None or math.isinf(value):
+        return "none"
+    return f"{value:.3g} s" if value < 10 else f"{value:.0f} s"
+
+
+def format_pool(reports: t.Sequence[Report]) -> str:
+    """The ``pool`` command's human output: one aligned block per bind."""
+    return "\n\n".join(_format_bind(r) for r in reports)
+
+
+def _format_bind(r: Report) -> str:
+    rows: list[tuple[str, str]] = []
+    if r["size"] is not None:
+        overflow = "unlimited" if r["max_overflow"] < 0 else r["max_overflow"]
+        rows.append(
+            (
+                "Pool",
+                f"{r['pool_class']}: size {r['size']}, max_overflow {overflow},"
+                f" pool_timeout {seconds_text(r['pool_timeout'])}",
+            )
+        )
+        rows.append(
+            (
+                "This process",
+                f"{r['checked_in']} checked in, {r['checked_out']} checked out,"
+                f" {r['overflow']} overflow",
+            )
+        )
+    else:
+        rows.append(("Pool", r["pool_class"]))
+        rows.append(("This process", f"{r['checked_out']} checked out"))
+    rows.append(("Strategy", r["strategy"]))
+    source = {
+        "server": "from the server",
+        "declared": "STALEGUARD_SERVER_TIMEOUT",
+        "assumed": "assumed: the server was unreachable at start-up",
+    }.get(r["server_timeout_source"] or "")
+    timer = f"server timeout {seconds_text(r['server_timeout'])}"
+    if source:
+        timer += f", {source}"
+    if r["idle_timeout"] is not None:
+        timer += f"; STALEGUARD_IDLE_TIMEOUT {seconds_text(r['idle_timeout'])}"
+    rows.append(("Idle budget", f"{seconds_text(r['idle_budget'])} ({timer})"))
+    set_by = " (set by staleguard)"
+    rows.append(
+        (
+            "pool_recycle",
+            f"{r['pool_recycle']}{set_by if 'pool_recycle' in r['applied'] else ''}",
+        )
+    )
+    pre_ping = "yes" if r["pre_ping"] else "no"
+    rows.append(
+        (
+            "pool_pre_ping",
+            f"{pre_ping}{set_by if 'pool_pre_ping' in r['applied'] else ''}",
+        )
+    )
+    if r["liveness_probe"] is not None:
+        supported = (
+            "supported" if r["liveness_probe"] else "not supported by the driver"
+        )
+        rows.append(("Liveness probe", supported))
+    server = r["server"]
+    if server is not None:
+        rows.append(
+            (
+                "Server",
+                f"{server['version']} as {server['user']},"
+                f" database {server['database']}",
+            )
+        )
+        if "wait_timeout" in server:
+            rows += [
+                (
+                    "wait_timeout",
+                    f"{seconds_text(server['wait_timeout'])} (session),"
+                    f" {seconds_text(server['global_wait_timeout'])} (global)",
+                ),
+                ("interactive_timeout", seconds_text(server["interactive_timeout"])),
+                ("max_connections", str(server["max_connections"])),
+                ("Threads_connected", _or_unknown(server["threads_connected"])),
+            ]
+        else:
+            rows += [
+                ("idle_session_timeout", seconds_text(server["idle_session_timeout"])),
+                (
+                    "idle_in_transaction_session_timeout",
+                    seconds_text(server["idle_in_transaction_session_timeout"]),
+                ),
+                (
+                    "max_connections",
+                    f"{server['max_connections']}"
+                    f" ({server['superuser_reserved_connections']} reserved)",
+                ),
+                ("Client backends", _or_unknown(server["client_backends"])),
+            ]
+    stats = r["stats"]
+    if any(stats[k] for k in stats):
+        rows.append(("Stats", _format_stats(stats)))
+    if r["error"]:
+        rows.append(("Error", r["error"]))
+    rows += [("Note", note) for note in r["notes"]]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{r['bind']}  {r['url']}"]
+    lines += [f"  {key.ljust(width)}  {value}" for key, value in rows]
+    if server is not None:
+        lines.append("")
+        if r["connections"]:
+            table = format_table(
+                ["ID", "Host", "State", "Idle", "Note"],
+                [
+                    (
+                        c["id"],
+                        c["host"],
+                        c["state"],
+                        "" if c["idle"] is None else f"{c['idle']:.1f} s",
+                        "past the idle budget" if c["past_budget"] else "",
+                    )
+                    for c in r["connections"]
+                ],
+            )
+            lines += ["  " + line for line in table.splitlines()]
+        else:
+            lines.append("  No other connections of this user and database.")
+    return "\n".join(lines)
+
+
+def _or_unknown(value: t.Any) -> str:
+    return "unknown" if value is None else str(value)
+
+
+def _format_stats(stats: Report) -> str:
+    def counts(table: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(table.items())) or "none"
+
+    return (
+        f"{stats['checkouts']} checkouts; replaced: {counts(stats['replaced'])};"
+        f" disconnects: {counts(stats['disconnects'])};"
+        f" leaks: {stats['leaks_detected']} ({stats['leaks_reclaimed']} reclaimed)"
+    )
