@@ -50,7 +50,11 @@ _RETURNED = "staleguard.returned"
 _BUDGET = "staleguard.budget"
 _PROBE = "staleguard.probe"
 _IDLE = "staleguard.idle"
-_FIRST = "staleguard.first"
+
+#: Seconds of idle before a checkout below which idleness cannot explain a lost
+#: connection: no server or middlebox idle timer is that short. (Tracking each
+#: statement instead would put a listener on every execute.)
+IDLE_EXPLAINS = 1.0
 
 _pid = os.getpid()
 
@@ -148,10 +152,6 @@ class BindGuard:
         event.listen(engine, "checkin", self._on_checkin)
         event.listen(engine, "detach", self._on_detach)
         event.listen(engine, "handle_error", self._on_error)
-        # Dialect-level hooks: an engine-level statement event would switch on
-        # SQLAlchemy's per-statement event dispatch, for every statement.
-        for name in ("do_execute", "do_execute_no_params", "do_executemany"):
-            event.listen(engine, name, self._on_statement)
 
     # -- pool events ---------------------------------------------------------------
 
@@ -189,7 +189,6 @@ class BindGuard:
                 record.dbapi_connection = proxy.dbapi_connection = None
                 raise self._replace("fork", None)
             idle = info[_IDLE] = now - returned
-            info[_FIRST] = True
             if self._guarding:
                 if idle > info.get(_BUDGET, self.budget):
                     raise self._replace("idle_budget", idle)
@@ -221,16 +220,6 @@ class BindGuard:
         if dbapi_connection is not None:
             record.info[_RETURNED] = time.monotonic()
         self.checked_out.pop(record, None)
-
-    def _on_statement(self, *args: t.Any) -> None:
-        """Before each statement: once a checkout's first statement went through,
-        the idle time before it no longer explains a failure."""
-        try:
-            info = args[-1].root_connection.connection.info
-        except Exception:  # the dialect's own first-connect queries have no record
-            return
-        if not info.pop(_FIRST, False):
-            info.pop(_IDLE, None)
 
     def _on_detach(self, dbapi_connection: t.Any, record: t.Any) -> None:
         self.checked_out.pop(record, None)
@@ -315,7 +304,7 @@ class BindGuard:
     def _explain(self, label: str, idle: float | None) -> str:
         """One line that names the likely cause of a lost connection."""
         lost = f"connection lost ({label})"
-        if idle is None:
+        if idle is None or idle < IDLE_EXPLAINS:
             return f"{lost} while in use: a server restart, KILL or network fault"
         if self.server_timeout and idle < self.server_timeout:
             return (

@@ -31,12 +31,22 @@ def run_after_teardowns(app: Flask, state: GuardState) -> None:
     """
     original = app.do_teardown_appcontext
 
+    binds = state.binds.values()
+    sessions = state.guard.sessions
+
     @functools.wraps(original)
     def do_teardown_appcontext(*args: t.Any, **kwargs: t.Any) -> None:
         try:
             original(*args, **kwargs)
         finally:
-            clean_up(app, state)
+            # Inline, as it runs after every request: usually nothing to do.
+            db = app.extensions.get("sqlalchemy")
+            if (
+                sessions
+                or (db is not None and getattr(db.session.registry, "registry", True))
+                or any(bind.checked_out for bind in binds)
+            ):
+                clean_up(app, state)
 
     app.do_teardown_appcontext = do_teardown_appcontext  # type: ignore[method-assign]
 
