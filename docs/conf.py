@@ -1,0 +1,38 @@
+"""Sphinx configuration. Builds offline: no intersphinx, no remote images."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+project = "flask-staleguard"
+copyright = "flask-staleguard contributors"
+release = importlib.metadata.version("flask-staleguard")
+version = ".".join(release.split(".")[:2])
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.viewcode",
+    "myst_parser",
+]
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+root_doc = "index"
+exclude_patterns = ["_build"]
+
+# MyST: `cli.md` and `benchmarks.md` are Markdown. Heading anchors let them link
+# to their own sections as [text](#section-title).
+myst_enable_extensions = ["colon_fence", "deflist"]
+myst_heading_anchors = 3
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_preserve_defaults = True
+# BindKey and PerBind are aliases: show their names in signatures, not what they
+# expand to.
+autodoc_type_aliases = {
+    "BindKey": "flask_staleguard.settings.BindKey",
+    "PerBind": "flask_staleguard.settings.PerBind",
+}
+
+html_theme = "furo"
+html_title = f"flask-staleguard {version}"
+html_static_path: list[str] = []
