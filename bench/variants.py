@@ -1,0 +1,116 @@
+"""The apps under test: one Flask-SQLAlchemy app per variant, built the same way.
+
+Every variant is a complete Flask app with Flask-SQLAlchemy, so the comparison is
+apples to apples; only the connection-pool protection differs:
+
+``bare``
+    Flask-SQLAlchemy as it comes (its MySQL default ``pool_recycle=7200``).
+``pre_ping``
+    ``SQLALCHEMY_ENGINE_OPTIONS = {"pool_pre_ping": True}``: a round trip per checkout.
+``recycle``
+    StaleGuard, ``STALEGUARD_STRATEGY="recycle"``: the derived ``pool_recycle`` only.
+``guard``
+    StaleGuard's default strategy: idle budget and socket poll at checkout.
+
+An extra variant for profiling: ``off`` (StaleGuard's bookkeeping, no checks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import typing as t
+
+import sqlalchemy as sa
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import event
+
+from flask_staleguard import StaleGuard
+
+#: The variants the issue asks for, in report order.
+CORE = ("bare", "pre_ping", "recycle", "guard")
+#: Variants used only to explain costs.
+EXTRA = ("off",)
+ALL = CORE + EXTRA
+
+SELECT_1 = sa.text("SELECT 1")
+_names = itertools.count()
+
+
+@dataclasses.dataclass
+class BenchApp:
+    """One variant's app, its ``SQLAlchemy`` and a count of new DBAPI connections."""
+
+    variant: str
+    app: Flask
+    db: SQLAlchemy
+    connects: int = 0
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    @property
+    def engine(self) -> sa.engine.Engine:
+        """The default bind's engine."""
+        with self.app.app_context():
+            return self.db.engine
+
+    def guard_stats(self) -> dict[str, t.Any] | None:
+        """StaleGuard's counters for the default bind, or ``None`` without the guard."""
+        state = self.app.extensions.get("staleguard")
+        if state is None:
+            return None
+        return t.cast(dict[str, t.Any], state.guard.stats(self.app).get("default"))
+
+    def request(self, statement: sa.TextClause = SELECT_1) -> None:
+        """One request-shaped unit: app context, checkout, statement, checkin."""
+        with self.app.app_context():
+            self.db.session.execute(statement).scalar()
+
+    def dispose(self) -> None:
+        """Close the pool's connections."""
+        self.engine.dispose()
+
+
+def build(
+    variant: str,
+    url: str,
+    *,
+    engine_options: t.Mapping[str, t.Any] | None = None,
+    config: t.Mapping[str, t.Any] | None = None,
+) -> BenchApp:
+    """Build ``variant``'s app against ``url`` (StaleGuard first, as documented)."""
+    if variant not in ALL:
+        raise ValueError(f"unknown variant {variant!r}; choose from {ALL}")
+    app = Flask(f"bench_{variant}_{next(_names)}")
+    app.config["SQLALCHEMY_DATABASE_URI"] = url
+    options = dict(engine_options or {})
+    if variant == "pre_ping":
+        options["pool_pre_ping"] = True
+    if options:
+        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
+    app.config.update(config or {})
+    if variant != "bare" and variant != "pre_ping":
+        app.config["STALEGUARD_STRATEGY"] = variant
+        StaleGuard(app)
+    db = SQLAlchemy()
+    db.init_app(app)
+    bench_app = BenchApp(variant, app, db)
+
+    # A connect listener fires only for new DBAPI connections, never per checkout,
+    # so it leaves bare's checkout path free of listeners.
+    def count_connect(dbapi_connection: t.Any, record: t.Any) -> None:
+        with bench_app.lock:
+            bench_app.connects += 1
+
+    event.listen(bench_app.engine, "connect", count_connect)
+    return bench_app
+
+
+def build_all(
+    variants: t.Iterable[str],
+    url: str,
+    **kwargs: t.Any,
+) -> dict[str, BenchApp]:
+    """Build each of ``variants`` against ``url``."""
+    return {v: build(v, url, **kwargs) for v in variants}
