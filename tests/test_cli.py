@@ -131,7 +131,11 @@ def run_flask(
 
 def invoke(app: Flask, *args: str) -> t.Any:
     """``flask staleguard ARGS`` in this process, with stdout and stderr apart."""
-    return app.test_cli_runner().invoke(args=["staleguard", *args])
+    try:
+        runner = app.test_cli_runner(mix_stderr=False)  # click < 8.2 mixes them
+    except TypeError:  # click 8.2+ always keeps them apart, and has no such option
+        runner = app.test_cli_runner()
+    return runner.invoke(args=["staleguard", *args])
 
 
 def connection_ids(db: SQLAlchemy, bind: str | None, sql: str, n: int) -> list[int]:
