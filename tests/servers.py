@@ -65,8 +65,7 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Unix socket paths are limited to 108 bytes; pytest's tmp paths can come close.
 _MAX_SOCKET_PATH = 100
 
-_M = TypeVar("_M", bound="MariaDBServer")
-_P = TypeVar("_P", bound="_ManagedProcess")
+_D = TypeVar("_D", bound="_Daemon")
 
 
 class ServerStartError(RuntimeError):
@@ -208,38 +207,72 @@ def _stop_all_children() -> None:
 # ---------------------------------------------------------------------------
 
 
-class MariaDBServer:
-    """A private mariadbd with its own datadir and port: restart, kill, reconfigure it.
+class _Daemon:
+    """A helper process on 127.0.0.1: start, stop, restart, or use in a `with` block."""
 
-    Root has no password; `sg` has all privileges on `staleguard.*` only (no PROCESS).
-    """
-
-    def __init__(
-        self,
-        basedir: Path,
-        port: int | None = None,
-        *,
-        extra_args: Sequence[str] = (),
-    ) -> None:
-        self.basedir = Path(basedir).resolve()
-        self.datadir = self.basedir / "data"
-        self.log_path = self.basedir / "mariadbd.log"
-        self.pid_path = self.basedir / "mariadbd.pid"
-        self.extra_args = list(extra_args)
-        self._port_fixed = port is not None
-        self._port = port if port is not None else free_port()
-        self._initialised_marker = self.basedir / ".staleguard-initialised"
+    def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
-        sock = self.basedir / "mariadbd.sock"
-        if len(str(sock)) > _MAX_SOCKET_PATH:
-            sock = Path(_make_temp_dir("sg-mariadb-")) / "mariadbd.sock"
-        self.socket_path = sock
-
-    # -- addresses -----------------------------------------------------------
 
     @property
     def host(self) -> str:
         return LOCALHOST
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        """What leaving a `with` block does."""
+        self.stop()
+
+    def restart(self) -> None:
+        """Stop and start again on the same port."""
+        self.stop()
+        self.start()
+
+    def __enter__(self: _D) -> _D:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._close()
+
+
+class _PrivateServer(_Daemon):
+    """A private database server with its own datadir and port; the shared lifecycle.
+
+    Subclasses fill in the template methods: whether the datadir is initialised and
+    how to initialise it, the command line, the readiness probe, and the setup done
+    on the very first start. Stopping sends SIGTERM (SIGKILL after a grace period)
+    and killing sends SIGKILL unless `_shutdown` / `_crash` say otherwise;
+    restart() keeps the port and datadir.
+    """
+
+    _daemon = "server"  # the executable's name, for error messages
+    _address_in_use = "already in use"  # its log text when the port is taken
+    _not_ready: tuple[type[Exception], ...] = (OSError,)  # raised by _probe()
+    _url_scheme = ""  # SQLAlchemy dialect+driver
+    _admin_user = ""  # the passwordless superuser
+
+    def __init__(self, basedir: Path, port: int | None, log_name: str) -> None:
+        super().__init__()
+        self.basedir = Path(basedir).resolve()
+        self.log_path = self.basedir / log_name
+        self._port_fixed = port is not None
+        self._port = port if port is not None else free_port()
+
+    # -- addresses -----------------------------------------------------------
 
     @property
     def port(self) -> int:
@@ -247,34 +280,67 @@ class MariaDBServer:
 
     @property
     def url(self) -> str:
-        return f"mysql+pymysql://root@{LOCALHOST}:{self._port}/{DB_NAME}"
+        return self._url_as(self._admin_user)
 
-    @property
-    def user_url(self) -> str:
-        return (
-            f"mysql+pymysql://{APP_USER}:{APP_PASSWORD}"
-            f"@{LOCALHOST}:{self._port}/{DB_NAME}"
-        )
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    def _url_as(self, userinfo: str) -> str:
+        return f"{self._url_scheme}://{userinfo}@{LOCALHOST}:{self._port}/{DB_NAME}"
 
     @property
     def pid(self) -> int | None:
         proc = self._proc
         return proc.pid if proc is not None and proc.poll() is None else None
 
+    # -- template methods ----------------------------------------------------
+
+    def _datadir_initialised(self) -> bool:
+        raise NotImplementedError
+
+    def _init_datadir(self) -> None:
+        raise NotImplementedError
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _probe(self) -> None:
+        """Open and close an admin connection; raise one of `_not_ready` if refused."""
+        raise NotImplementedError
+
+    def _first_start_setup(self) -> None:
+        raise NotImplementedError
+
+    def _runtime_dir(self) -> Path:
+        """Where the first-start marker lives."""
+        return self.basedir
+
+    def _adopt(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc = proc
+
+    def _forget(self, proc: subprocess.Popen[bytes]) -> None:
+        if self._proc is proc:
+            self._proc = None
+
+    def _shutdown(
+        self, proc: subprocess.Popen[bytes], grace: float = _STOP_GRACE_SECONDS
+    ) -> None:
+        """Graceful shutdown: SIGTERM, then SIGKILL after `grace` seconds."""
+        self._forget(proc)
+        _terminate(proc, grace)
+
+    def _crash(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL, as in a crash."""
+        self._forget(proc)
+        _kill(proc)
+
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
-        """Start mariadbd (creating the datadir on first use); wait for root logins."""
+        """Start the server (initialising its datadir on first use); wait for logins."""
         if self.running:
             return
         self.basedir.mkdir(parents=True, exist_ok=True)
-        if not (self.datadir / "mysql").is_dir():
-            self._install_db()
-        # A free_port() port can be grabbed by someone else before mariadbd binds
+        if not self._datadir_initialised():
+            self._init_datadir()
+        # A free_port() port can be grabbed by someone else before the server binds
         # it; only a port nobody has used yet may be swapped for another one.
         first = not (self._port_fixed or self._initialised_marker.exists())
         attempts = 3 if first else 1
@@ -283,7 +349,7 @@ class MariaDBServer:
                 self._launch()
                 break
             except ServerStartError:
-                in_use = "Address already in use" in log_tail(self.log_path, 10)
+                in_use = self._address_in_use in log_tail(self.log_path, 10)
                 if attempt + 1 == attempts or not in_use:
                     raise
                 self._port = free_port()
@@ -292,18 +358,15 @@ class MariaDBServer:
             self._initialised_marker.touch()
         self._port_fixed = True
 
-    def _install_db(self) -> None:
-        self.datadir.mkdir(parents=True, exist_ok=True)
-        args = [
-            MARIADB_INSTALL_DB,
-            "--no-defaults",
-            "--user=root",
-            f"--datadir={self.datadir}",
-            "--auth-root-authentication-method=normal",
-        ]
+    @property
+    def _initialised_marker(self) -> Path:
+        return self._runtime_dir() / ".staleguard-initialised"
+
+    def _run_setup_tool(self, name: str, args: Sequence[str]) -> None:
+        """Run a datadir initialiser to completion, its output going to the log."""
         with self.log_path.open("ab") as log:
             result = subprocess.run(
-                args,
+                list(args),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -312,12 +375,110 @@ class MariaDBServer:
             )
         if result.returncode != 0:
             raise ServerStartError(
-                f"mariadb-install-db failed ({result.returncode}):\n"
-                f"{log_tail(self.log_path)}"
+                f"{name} failed ({result.returncode}):\n{log_tail(self.log_path)}"
             )
 
     def _launch(self) -> None:
+        args = self._command()
+        with self.log_path.open("ab") as log:
+            stamp = time.strftime("%H:%M:%S")
+            log.write(f"\n=== {stamp} starting: {' '.join(args)}\n".encode())
+            log.flush()
+            proc = _spawn(args, log)
+        self._adopt(proc)
+        deadline = time.monotonic() + _START_TIMEOUT_SECONDS
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self._forget(proc)
+                raise ServerStartError(
+                    f"{self._daemon} exited with {proc.returncode} while starting on "
+                    f"port {self._port}:\n{log_tail(self.log_path)}"
+                )
+            try:
+                self._probe()
+                return
+            except self._not_ready as exc:
+                last_error = exc
+                time.sleep(0.1)
+        self._shutdown(proc, grace=5.0)
+        raise ServerStartError(
+            f"{self._daemon} on port {self._port} did not accept connections within "
+            f"{_START_TIMEOUT_SECONDS:.0f} s (last error: {last_error!r}):\n"
+            f"{log_tail(self.log_path)}"
+        )
+
+    def stop(self) -> None:
+        """Shut the server down (see `_shutdown`); a no-op if not running."""
+        proc = self._proc
+        if proc is not None:
+            self._shutdown(proc)
+
+    def kill(self) -> None:
+        """SIGKILL the server (see `_crash`), as in a crash; start() recovers."""
+        proc = self._proc
+        if proc is not None:
+            self._crash(proc)
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<{type(self).__name__} {self.basedir} port={self._port} {state}>"
+
+
+class MariaDBServer(_PrivateServer):
+    """A private mariadbd with its own datadir and port: restart, kill, reconfigure it.
+
+    Root has no password; `sg` has all privileges on `staleguard.*` only (no PROCESS).
+    Stopping is graceful (SIGTERM, SIGKILL after 15 s); after a kill, the next
+    start() recovers InnoDB.
+    """
+
+    _daemon = "mariadbd"
+    _url_scheme = "mysql+pymysql"
+    _admin_user = "root"
+    _address_in_use = "Address already in use"
+    _not_ready = (pymysql.err.MySQLError,)
+
+    def __init__(
+        self,
+        basedir: Path,
+        port: int | None = None,
+        *,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        super().__init__(basedir, port, "mariadbd.log")
+        self.datadir = self.basedir / "data"
+        self.pid_path = self.basedir / "mariadbd.pid"
+        self.extra_args = list(extra_args)
+        sock = self.basedir / "mariadbd.sock"
+        if len(str(sock)) > _MAX_SOCKET_PATH:
+            sock = Path(_make_temp_dir("sg-mariadb-")) / "mariadbd.sock"
+        self.socket_path = sock
+
+    # -- addresses -----------------------------------------------------------
+
+    @property
+    def user_url(self) -> str:
+        return self._url_as(f"{APP_USER}:{APP_PASSWORD}")
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def _datadir_initialised(self) -> bool:
+        return (self.datadir / "mysql").is_dir()
+
+    def _init_datadir(self) -> None:
+        self.datadir.mkdir(parents=True, exist_ok=True)
         args = [
+            MARIADB_INSTALL_DB,
+            "--no-defaults",
+            "--user=root",
+            f"--datadir={self.datadir}",
+            "--auth-root-authentication-method=normal",
+        ]
+        self._run_setup_tool("mariadb-install-db", args)
+
+    def _command(self) -> list[str]:
+        return [
             MARIADBD,
             "--no-defaults",
             "--user=root",
@@ -329,34 +490,9 @@ class MariaDBServer:
             "--skip-log-bin",
             *self.extra_args,
         ]
-        with self.log_path.open("ab") as log:
-            stamp = time.strftime("%H:%M:%S")
-            log.write(f"\n=== {stamp} starting: {' '.join(args)}\n".encode())
-            log.flush()
-            proc = _spawn(args, log)
-        self._proc = proc
-        deadline = time.monotonic() + _START_TIMEOUT_SECONDS
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                self._proc = None
-                raise ServerStartError(
-                    f"mariadbd exited with {proc.returncode} while starting on port "
-                    f"{self._port}:\n{log_tail(self.log_path)}"
-                )
-            try:
-                self._connect(database=None, connect_timeout=1).close()
-                return
-            except pymysql.err.MySQLError as exc:
-                last_error = exc
-                time.sleep(0.1)
-        _terminate(proc, grace=5.0)
-        self._proc = None
-        raise ServerStartError(
-            f"mariadbd on port {self._port} did not accept connections within "
-            f"{_START_TIMEOUT_SECONDS:.0f} s (last error: {last_error!r}):\n"
-            f"{log_tail(self.log_path)}"
-        )
+
+    def _probe(self) -> None:
+        self._connect(database=None, connect_timeout=1).close()
 
     def _first_start_setup(self) -> None:
         conn = self._connect(database=None)
@@ -379,35 +515,6 @@ class MariaDBServer:
                 cur.execute("FLUSH PRIVILEGES")
         finally:
             conn.close()
-
-    def stop(self) -> None:
-        """Graceful shutdown (SIGTERM, SIGKILL after 15 s); a no-op if not running."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            _terminate(proc)
-
-    def kill(self) -> None:
-        """SIGKILL the server, as in a crash; the next start() recovers InnoDB."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            _kill(proc)
-
-    def restart(self) -> None:
-        """Stop and start again on the same port and datadir."""
-        self.stop()
-        self.start()
-
-    def __enter__(self: _M) -> _M:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- SQL helpers ---------------------------------------------------------
 
@@ -501,31 +608,26 @@ def _duration_ms(seconds: float) -> str:
     return f"{max(1, round(seconds * 1000))}ms"
 
 
-class _ManagedProcess:
-    """A daemon run in the foreground from a private temp dir on a port of its own."""
+class _ManagedProcess(_Daemon):
+    """A daemon run in the foreground from a private temp dir on a port of its own.
+
+    restart() keeps the port, so every connection through it drops.
+    """
 
     name = "process"
     binary = ""
     install_hint = ""
 
     def __init__(self) -> None:
-        self._proc: subprocess.Popen[bytes] | None = None
+        super().__init__()
         self._port: int | None = None
         self._workdir: Path | None = None
-
-    @property
-    def host(self) -> str:
-        return LOCALHOST
 
     @property
     def port(self) -> int:
         if self._port is None:
             raise RuntimeError(f"{self.name} has not been started")
         return self._port
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     @property
     def log_path(self) -> Path:
@@ -580,23 +682,6 @@ class _ManagedProcess:
         workdir, self._workdir = self._workdir, None
         if workdir is not None:
             _remove_temp_dir(str(workdir))
-
-    def restart(self) -> None:
-        """Stop and start again on the same port (every connection through it drops)."""
-        self.stop()
-        self.start()
-
-    def __enter__(self: _P) -> _P:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class HAProxy(_ManagedProcess):
@@ -774,7 +859,6 @@ def _children_of(pid: int) -> list[int]:
     return children
 
 
-_S = TypeVar("_S", bound="PostgresServer")
 _live_postgres: set[PostgresServer] = set()
 
 
@@ -789,17 +873,22 @@ def _stop_postgres_servers() -> None:
             server.stop()
 
 
-class PostgresServer:
+class PostgresServer(_PrivateServer):
     """A private PostgreSQL with its own datadir and port: restart, kill, terminate.
 
     Trust auth for the superuser `postgres`; the database `staleguard` is created on
     the first start. The server refuses to run as root, so under root it runs as
     `postgres`, and its datadir lives in a private temp dir when `basedir` is out
     of that user's reach (pytest's tmp dirs are mode 0700). The log stays in
-    `basedir`.
+    `basedir`. Stopping is a fast shutdown: backends are terminated, clients see
+    their sockets close; kill() SIGKILLs postgres and its backends.
     """
 
     run_as = "postgres"
+    _daemon = "postgres"
+    _url_scheme = "postgresql+psycopg"
+    _admin_user = "postgres"
+    _not_ready = (psycopg.OperationalError,)
 
     def __init__(
         self,
@@ -809,29 +898,14 @@ class PostgresServer:
         settings: Mapping[str, str | int | float] | None = None,
         bindir: Path | None = None,
     ) -> None:
-        self.basedir = Path(basedir).resolve()
-        self.log_path = self.basedir / "postgres.log"
+        bindir = Path(bindir) if bindir is not None else postgres_bindir()
+        super().__init__(basedir, port, "postgres.log")
         self.settings = dict(settings or {})
-        self.bindir = Path(bindir) if bindir is not None else postgres_bindir()
-        self._port_fixed = port is not None
-        self._port = port if port is not None else free_port()
-        self._proc: subprocess.Popen[bytes] | None = None
+        self.bindir = bindir
         self._rundir: Path | None = None
         self._own_rundir = False
 
     # -- addresses -----------------------------------------------------------
-
-    @property
-    def host(self) -> str:
-        return LOCALHOST
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def url(self) -> str:
-        return f"postgresql+psycopg://postgres@{LOCALHOST}:{self._port}/{DB_NAME}"
 
     @property
     def datadir(self) -> Path:
@@ -840,15 +914,6 @@ class PostgresServer:
     @property
     def socket_dir(self) -> Path:
         return self._runtime_dir() / "sock"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        proc = self._proc
-        return proc.pid if proc is not None and proc.poll() is None else None
 
     # -- privileges ----------------------------------------------------------
 
@@ -909,36 +974,10 @@ class PostgresServer:
 
     # -- lifecycle -----------------------------------------------------------
 
-    def start(self) -> None:
-        """Start postgres (running initdb on first use); wait for connections."""
-        if self.running:
-            return
-        self.basedir.mkdir(parents=True, exist_ok=True)
-        if not (self.datadir / "PG_VERSION").exists():
-            self._initdb()
-        # A free_port() port can be grabbed by someone else before postgres binds
-        # it; only a port nobody has used yet may be swapped for another one.
-        first = not (self._port_fixed or self._initialised_marker.exists())
-        attempts = 3 if first else 1
-        for attempt in range(attempts):
-            try:
-                self._launch()
-                break
-            except ServerStartError:
-                in_use = "already in use" in log_tail(self.log_path, 10)
-                if attempt + 1 == attempts or not in_use:
-                    raise
-                self._port = free_port()
-        if not self._initialised_marker.exists():
-            self.execute(f'CREATE DATABASE "{DB_NAME}"', database="postgres")
-            self._initialised_marker.touch()
-        self._port_fixed = True
+    def _datadir_initialised(self) -> bool:
+        return (self.datadir / "PG_VERSION").exists()
 
-    @property
-    def _initialised_marker(self) -> Path:
-        return self._runtime_dir() / ".staleguard-initialised"
-
-    def _initdb(self) -> None:
+    def _init_datadir(self) -> None:
         args = [
             str(self.bindir / "initdb"),
             "-D",
@@ -952,19 +991,10 @@ class PostgresServer:
         ]
         with self.log_path.open("ab") as log:
             log.write(f"\n=== initdb: {' '.join(args)}\n".encode())
-            log.flush()
-            result = subprocess.run(
-                self._as_owner(args),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=120,
-                check=False,
-            )
-        if result.returncode != 0:
-            raise ServerStartError(
-                f"initdb failed ({result.returncode}):\n{log_tail(self.log_path)}"
-            )
+        self._run_setup_tool("initdb", self._as_owner(args))
+
+    def _first_start_setup(self) -> None:
+        self.execute(f'CREATE DATABASE "{DB_NAME}"', database="postgres")
 
     def _command(self) -> list[str]:
         settings: dict[str, str | int | float] = {
@@ -987,37 +1017,13 @@ class PostgresServer:
             args += ["-c", f"{name}={value}"]
         return self._as_owner(args)
 
-    def _launch(self) -> None:
-        args = self._command()
-        with self.log_path.open("ab") as log:
-            stamp = time.strftime("%H:%M:%S")
-            log.write(f"\n=== {stamp} starting: {' '.join(args)}\n".encode())
-            log.flush()
-            proc = _spawn(args, log)
-        self._proc = proc
+    def _probe(self) -> None:
+        self._connect(database="postgres", connect_timeout=2).close()
+
+    def _adopt(self, proc: subprocess.Popen[bytes]) -> None:
+        super()._adopt(proc)
         with _live_lock:
             _live_postgres.add(self)
-        deadline = time.monotonic() + _START_TIMEOUT_SECONDS
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                self._forget(proc)
-                raise ServerStartError(
-                    f"postgres exited with {proc.returncode} while starting on port "
-                    f"{self._port}:\n{log_tail(self.log_path)}"
-                )
-            try:
-                self._connect(database="postgres", connect_timeout=2).close()
-                return
-            except psycopg.OperationalError as exc:
-                last_error = exc
-                time.sleep(0.1)
-        self._shutdown(proc, grace=5.0)
-        raise ServerStartError(
-            f"postgres on port {self._port} did not accept connections within "
-            f"{_START_TIMEOUT_SECONDS:.0f} s (last error: {last_error!r}):\n"
-            f"{log_tail(self.log_path)}"
-        )
 
     def _forget(self, proc: subprocess.Popen[bytes]) -> None:
         with _live_lock:
@@ -1053,24 +1059,14 @@ class PostgresServer:
                 os.kill(child, signal.SIGKILL)
         proc.wait()
 
-    def stop(self) -> None:
-        """Fast shutdown: backends are terminated, clients see their sockets close."""
-        proc = self._proc
-        if proc is not None:
-            self._shutdown(proc)
+    def _crash(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL postgres and its backends."""
+        if proc.poll() is None:
+            self._kill_tree(proc)
+        self._forget(proc)
 
-    def kill(self) -> None:
-        """SIGKILL postgres and its backends, as in a crash; start() recovers."""
-        proc = self._proc
-        if proc is not None:
-            if proc.poll() is None:
-                self._kill_tree(proc)
-            self._forget(proc)
-
-    def restart(self) -> None:
-        """Stop and start again on the same port and datadir."""
-        self.stop()
-        self.start()
+    def _close(self) -> None:
+        self.remove()
 
     def remove(self) -> None:
         """Stop, and delete a private temp datadir (the next start runs initdb)."""
@@ -1078,18 +1074,6 @@ class PostgresServer:
         rundir, self._rundir = self._rundir, None
         if rundir is not None and self._own_rundir:
             _remove_temp_dir(str(rundir))
-
-    def __enter__(self: _S) -> _S:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.remove()
 
     # -- SQL helpers ---------------------------------------------------------
 
@@ -1170,7 +1154,3 @@ class PostgresServer:
                 if row is not None and row[0]:
                     terminated.append(pid)
         return terminated
-
-    def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
-        return f"<PostgresServer {self.basedir} port={self._port} {state}>"
