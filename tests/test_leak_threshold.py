@@ -99,23 +99,17 @@ def test_connection_held_past_threshold_is_reported_with_its_site(
     assert app.extensions["staleguard"].binds[None].checked_out == {}
 
 
-def test_without_threshold_nothing_is_reported(
-    app_db: t.Callable[..., tuple[Flask, SQLAlchemy]], guard_log: t.Any
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"STALEGUARD_LEAK_THRESHOLD": 5}],
+    ids=["no threshold", "held under the threshold"],
+)
+def test_nothing_is_reported(
+    app_db: t.Callable[..., tuple[Flask, SQLAlchemy]],
+    guard_log: t.Any,
+    config: dict[str, t.Any],
 ) -> None:
-    app, db = app_db()
-    with app.app_context():
-        engine = db.engine
-    with Holder(engine):
-        checkout_once(app, db)
-        time.sleep(1.2)
-        checkout_once(app, db)
-    assert held_reports(guard_log) == []
-
-
-def test_connection_held_under_threshold_is_not_reported(
-    app_db: t.Callable[..., tuple[Flask, SQLAlchemy]], guard_log: t.Any
-) -> None:
-    app, db = app_db(STALEGUARD_LEAK_THRESHOLD=5)
+    app, db = app_db(**config)
     with app.app_context():
         engine = db.engine
     with Holder(engine):

@@ -40,6 +40,11 @@ def test_error_packet_then_close(
         )
         with app.app_context():
             first = connection_id(db)
+            # The guard's discovery connection went through the proxy too; wait
+            # until the proxy has seen it close, so only the pooled one is left.
+            deadline = time.monotonic() + 5
+            while proxy.active_connections != 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert proxy.say_and_close(ERR_4031) == 1
             time.sleep(0.2)
             if not guarded:
