@@ -13,6 +13,7 @@ from sqlalchemy.orm import scoped_session
 
 from . import binds
 from .bind_guard import BindGuard
+from .derive import merge_options
 from .discovery import discover
 from .discovery import fallback_timeout
 from .discovery import flavor
@@ -156,7 +157,7 @@ def _configure_binds(app: Flask, state: GuardState) -> None:
     for key, options in binds.engine_configs(app.config).items():
         url = sa.engine.make_url(options["url"])
         bind = _new_bind_guard(key, url, options, state)
-        bind.applied = {k: v for k, v in bind.derived.items() if k not in options}
+        _, bind.applied = merge_options(options, bind.derived)
         plugins = [*options.get("plugins", ()), PLUGIN]
         binds.add_engine_options(
             app.config, key, {**bind.applied, "plugins": plugins, PLUGIN: bind}
@@ -174,9 +175,8 @@ def _attach_to_engines(app: Flask, db: t.Any, state: GuardState) -> None:
         # Options the user gave Flask-SQLAlchemy directly count as set, too.
         options = {**getattr(db, "_engine_options", {}), **user.get(key, {})}
         bind = _new_bind_guard(key, engine.url, options, state)
-        for name, value in bind.derived.items():
-            if name in options:
-                continue
+        _, wanted = merge_options(options, bind.derived)
+        for name, value in wanted.items():
             attribute = _POOL_ATTRIBUTES[name]
             if not hasattr(engine.pool, attribute):
                 logger.warning(
