@@ -11,6 +11,7 @@ import sys
 import time
 import typing as t
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -96,10 +97,12 @@ def test_one_exporter_per_app(make_app: AppFactory, mariadb_url: str) -> None:
 
 METRICS_APP = """\
 import os
+import time
 
 import sqlalchemy as sa
 from flask import Flask
 from flask import jsonify
+from flask import request
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_staleguard import StaleGuard
@@ -117,6 +120,7 @@ app.add_url_rule("/metrics", view_func=metrics_view)
 @app.get("/query")
 def query():
     db.session.execute(sa.text("SELECT 1"))
+    time.sleep(float(request.args.get("hold", 0)))
     return jsonify(pid=os.getpid())
 """
 
@@ -149,10 +153,13 @@ def test_gunicorn_workers_are_summed(tmp_path: Path, mariadb_url: str) -> None:
 
         pids: set[int] = set()
         requests = 0
-        # Each request may land on either worker; go on until both answered.
-        while len(pids) < 2 and requests < 400:
-            pids.add(json.loads(get("/query"))["pid"])
-            requests += 1
+        # Sequential requests can all land on one worker. Two at once, each
+        # holding its sync worker for a while, must be served by both.
+        with ThreadPoolExecutor(2) as pool:
+            while len(pids) < 2 and requests < 20:
+                answers = pool.map(get, ["/query?hold=0.3"] * 2)
+                pids.update(json.loads(answer)["pid"] for answer in answers)
+                requests += 2
         assert len(pids) == 2, "one gunicorn worker served every request"
         found = samples(get("/metrics").decode())
     finally:
