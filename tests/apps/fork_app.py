@@ -42,7 +42,7 @@ def query() -> dict[str, int]:
         {"pid": os.getpid()},
     ).one()
     assert int(row[1]) == os.getpid()  # the reply belongs to this very query
-    return {"connection": int(row[0]), "pid": os.getpid()}
+    return {"connection": int(row[0]), "pid": os.getpid(), "fork": fork_replacements()}
 
 
 @app.route("/master")
@@ -50,9 +50,9 @@ def master() -> dict[str, int]:
     return {"connection": MASTER_CONNECTION_ID, "pid": MASTER_PID}
 
 
-@app.route("/stats")
-def stats() -> dict[str, int]:
+def fork_replacements() -> int:
+    """How many inherited connections this worker's guard replaced (-1: no guard)."""
     if not guarded:
-        return {"fork": -1, "pid": os.getpid()}
+        return -1
     replaced = app.extensions["staleguard"].binds[None].stats.replaced
-    return {"fork": int(replaced.get("fork", 0)), "pid": os.getpid()}
+    return int(replaced.get("fork", 0))
