@@ -18,7 +18,6 @@ import pstats
 import typing as t
 
 from sqlalchemy import event
-from sqlalchemy.engine.events import DialectEvents
 
 from flask_staleguard import bind_guard
 
@@ -38,8 +37,6 @@ ABLATIONS = {
     " _on_checkin: return time)"
     " and with them SQLAlchemy's pool-event dispatch",
     "guard-probe": "the socket poll (SocketProbe.check) at checkout",
-    "guard-handle_error": "the handle_error dialect listener (_on_error) and with it"
-    " dialect._has_events",
     "guard-teardown": "the do_teardown_appcontext wrapper (its inline nothing-to-do"
     " test and teardown.clean_up)",
     "noop_listeners": "bare plus an empty checkout and an empty checkin listener:"
@@ -69,19 +66,6 @@ def _without_pool_listeners(bench_app: BenchApp) -> None:
         raise LookupError("other checkout/checkin listeners remain on the pool")
 
 
-def _without_handle_error(bench_app: BenchApp) -> None:
-    guard = _bind_guard(bench_app)
-    engine = bench_app.engine
-    event.remove(engine, "handle_error", guard._on_error)
-    dialect = engine.dialect
-    if not any(
-        getattr(dialect.dispatch, n)
-        for n in dir(DialectEvents)
-        if not n.startswith("_") and hasattr(dialect.dispatch, n)
-    ):
-        dialect._has_events = False
-
-
 def _without_teardown(bench_app: BenchApp) -> None:
     if "do_teardown_appcontext" not in vars(bench_app.app):
         raise LookupError("the guard no longer wraps do_teardown_appcontext")
@@ -95,7 +79,7 @@ def _without_probe(bench_app: BenchApp) -> None:
 
     def on_connect(dbapi_connection: t.Any, record: t.Any) -> None:
         original(dbapi_connection, record)
-        record.info[bg._PROBE] = None
+        record.info[bg.STATE].probe = None
 
     event.remove(engine, "connect", original)
     event.listen(engine, "connect", on_connect)
@@ -116,7 +100,6 @@ def _noop_listeners(bench_app: BenchApp) -> None:
 _APPLY: dict[str, tuple[str, t.Callable[[BenchApp], None]]] = {
     "guard-pool_listeners": ("guard", _without_pool_listeners),
     "guard-probe": ("guard", _without_probe),
-    "guard-handle_error": ("guard", _without_handle_error),
     "guard-teardown": ("guard", _without_teardown),
     FLOOR: ("bare", _noop_listeners),
 }

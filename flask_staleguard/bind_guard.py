@@ -30,6 +30,8 @@ from .derive import idle_budget
 from .discovery import flavor
 from .discovery import session_idle_timeout
 from .errors import disconnect_label
+from .errors import error_code
+from .errors import MYSQL_ONLY_GONE
 from .settings import bind_name
 from .settings import BindKey
 from .settings import Settings
@@ -43,13 +45,10 @@ from .stats import BindStats
 
 logger = logging.getLogger("flask_staleguard")
 
-# Keys in a connection record's ``info``. SQLAlchemy clears ``info`` whenever it
-# replaces the DBAPI connection, so a missing key means a brand new connection.
-_PID = "staleguard.pid"
-_RETURNED = "staleguard.returned"
-_BUDGET = "staleguard.budget"
-_PROBE = "staleguard.probe"
-_IDLE = "staleguard.idle"
+#: The key of a connection record's :class:`ConnectionState` in its ``info``.
+#: SQLAlchemy clears ``info`` whenever it replaces the DBAPI connection, so a
+#: missing state means a brand new connection.
+STATE = "staleguard"
 
 #: Seconds of idle before a checkout below which idleness cannot explain a lost
 #: connection: no server or middlebox idle timer is that short. (Tracking each
@@ -68,12 +67,31 @@ def _note_fork() -> None:
 os.register_at_fork(after_in_child=_note_fork)
 
 
+class ConnectionState:
+    """What the guard knows about one pooled DBAPI connection."""
+
+    __slots__ = ("pid", "budget", "probe", "returned", "idle")
+
+    def __init__(
+        self, pid: int, budget: float, socket_probe: probe.SocketProbe | None
+    ) -> None:
+        #: The process that opened it.
+        self.pid = pid
+        #: Its idle budget in seconds, from its own session's timeout.
+        self.budget = budget
+        #: Its socket's liveness check; ``None`` when the driver hides the socket.
+        self.probe = socket_probe
+        #: ``time.monotonic()`` of its last checkin; ``None`` until the first.
+        self.returned: float | None = None
+        #: Seconds it had idled before its latest checkout.
+        self.idle: float | None = None
+
+
 class Checkout(t.NamedTuple):
     """A connection the app holds: who took it, where, and when."""
 
     #: ``id()`` of the app context that took it, or ``None``.
     context: int | None
-    proxy: weakref.ref[t.Any]
     #: The app's frames that took it, when recorded.
     site: Site
     at: float
@@ -115,8 +133,9 @@ class BindGuard:
         #: Those of :attr:`derived` the user had not set, so the guard applied them.
         self.applied: dict[str, t.Any] = {}
         self.stats = BindStats()
-        #: Connections checked out now, with where they were taken.
-        self.checked_out: dict[t.Any, Checkout] = {}
+        #: Connections checked out now, with who took them, where and when: the
+        #: fields of a :class:`Checkout`, as a plain tuple (cheaper to build).
+        self.checked_out: dict[t.Any, tuple[int | None, Site, float, t.Any]] = {}
         self._guarding = self.strategy == "guard"
         self._watching = self.strategy != "off"
         self._engines: weakref.WeakSet[sa.engine.Engine] = weakref.WeakSet()
@@ -125,7 +144,7 @@ class BindGuard:
         #: first leak on, or always when leaks raise (test suites).
         self._sites = self.leak_policy == "raise"
         self._held_scan = 0.0
-        self._reported: dict[t.Any, Checkout] = {}
+        self._reported: dict[t.Any, tuple[t.Any, ...]] = {}
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -151,13 +170,16 @@ class BindGuard:
         event.listen(engine, "checkout", self._on_checkout)
         event.listen(engine, "checkin", self._on_checkin)
         event.listen(engine, "detach", self._on_detach)
-        event.listen(engine, "handle_error", self._on_error)
+        # Disconnects are counted when the pool invalidates the connection, not
+        # in a ``handle_error`` listener: any dialect listener costs every
+        # statement an event lookup.
+        event.listen(engine, "invalidate", self._on_invalidate)
+        if self.kind == "mysql":
+            _keep_mariadb_4031(engine.dialect)
 
     # -- pool events ---------------------------------------------------------------
 
     def _on_connect(self, dbapi_connection: t.Any, record: t.Any) -> None:
-        info = record.info
-        info[_PID] = _pid
         budget = self.budget
         if self._watching and self.discovers:
             try:
@@ -170,56 +192,67 @@ class BindGuard:
                 budget = self._budget_for(timeout)
                 if timeout != self.server_timeout or self.provisional:
                     self._learn(timeout)
-        info[_BUDGET] = budget
+        record.info[STATE] = self._state(dbapi_connection, budget)
+
+    def _state(self, dbapi_connection: t.Any, budget: float) -> ConnectionState:
+        socket_probe = None
         if self._guarding:
             fd = probe.socket_fd(dbapi_connection)
-            info[_PROBE] = None if fd is None else probe.SocketProbe(fd)
+            socket_probe = None if fd is None else probe.SocketProbe(fd)
+        return ConnectionState(_pid, budget, socket_probe)
+
+    # The two listeners below run for every checkout: every attribute lookup and
+    # call counts, so they are written flat.
 
     def _on_checkout(
         self, dbapi_connection: t.Any, record: t.Any, proxy: t.Any
     ) -> None:
         self.stats.checkouts += 1
-        info = record.info
         now = time.monotonic()
-        returned = info.get(_RETURNED)
-        if returned is not None:
-            if info.get(_PID) != _pid:
+        state = record.info.get(STATE)
+        if state is not None and state.returned is not None:
+            if state.pid != _pid:
                 # Closing the parent's socket would send COM_QUIT on the parent's
                 # connection; drop it instead (SQLAlchemy's multiprocessing recipe).
                 record.dbapi_connection = proxy.dbapi_connection = None
                 raise self._replace("fork", None)
-            idle = info[_IDLE] = now - returned
+            idle = state.idle = now - state.returned
             if self._guarding:
-                if idle > info.get(_BUDGET, self.budget):
+                if idle > state.budget:
                     raise self._replace("idle_budget", idle)
-                socket_probe = info.get(_PROBE)
-                if socket_probe is not None:
-                    verdict = socket_probe.check()
-                    if verdict is not None:
-                        self._judge(verdict, dbapi_connection, idle)
+                socket_probe = state.probe
+                # poll(0) is the whole check when the socket is quiet, as it is
+                # for a live idle connection: called directly, no Python frame.
+                if socket_probe is not None and socket_probe.poll(0):
+                    self._judge(socket_probe.peek(), dbapi_connection, idle)
         ctx = _cv_app.get(None)
-        if ctx is None:
-            held = self.leak_threshold is not None
-            self.checked_out[record] = Checkout(
-                None, weakref.ref(proxy), checkout_site() if held else (), now, None
-            )
-        else:
+        if ctx is not None:
             # The stack walk is most of a checkout's cost, so it waits for the
             # bind's first leak; that one is reported by its request instead.
-            self.checked_out[record] = Checkout(
+            self.checked_out[record] = (
                 id(ctx),
-                weakref.ref(proxy),
                 checkout_site() if self._sites else (),
                 now,
                 _cv_request.get(None),
+            )
+        else:
+            held = self.leak_threshold is not None
+            self.checked_out[record] = (
+                None,
+                checkout_site() if held else (),
+                now,
+                None,
             )
         if self.leak_threshold is not None:
             self._report_held()
 
     def _on_checkin(self, dbapi_connection: t.Any, record: t.Any) -> None:
-        if dbapi_connection is not None:
-            record.info[_RETURNED] = time.monotonic()
         self.checked_out.pop(record, None)
+        if dbapi_connection is not None:
+            state = record.info.get(STATE)
+            if state is None:  # opened before the guard attached to its engine
+                state = record.info[STATE] = self._state(dbapi_connection, self.budget)
+            state.returned = time.monotonic()
 
     def _on_detach(self, dbapi_connection: t.Any, record: t.Any) -> None:
         self.checked_out.pop(record, None)
@@ -281,23 +314,19 @@ class BindGuard:
             _seconds(self.budget),
         )
 
-    def _on_error(self, context: sa.engine.ExceptionContext) -> None:
-        if not context.is_disconnect:
-            return
-        error = context.original_exception
+    def _on_invalidate(
+        self, dbapi_connection: t.Any, record: t.Any, exception: BaseException | None
+    ) -> None:
+        """Count and explain a connection the pool drops after a disconnect error."""
+        if exception is None or isinstance(exception, DisconnectionError):
+            return  # invalidated by the app, or replaced at checkout (counted there)
         mariadb = bool(getattr(self._dialect, "is_mariadb", False))
-        label = disconnect_label(error, self.kind, mariadb=mariadb)
+        label = disconnect_label(exception, self.kind, mariadb=mariadb)
         if label is None:
-            # For example MariaDB's 4031, which is a trigger error, not a disconnect.
-            context.is_disconnect = False
             return
         self.stats.count(self.stats.disconnects, label)
-        idle = None
-        try:
-            if context.connection is not None:
-                idle = context.connection.connection.info.get(_IDLE)
-        except Exception:
-            pass
+        state = record.info.get(STATE)
+        idle = None if state is None else state.idle
         logger.warning("bind %s: %s", self.name, self._explain(label, idle))
         disconnect_seen.send(self, code=label, idle=idle)
 
@@ -324,14 +353,17 @@ class BindGuard:
     def leaks_of(self, context: int) -> list[tuple[t.Any, Checkout]]:
         """Connections checked out in the app context ``context`` and still out."""
         return [
-            (r, c) for r, c in self.checked_out.copy().items() if c.context == context
+            (r, Checkout(*c))
+            for r, c in self.checked_out.copy().items()
+            if c[0] == context
         ]
 
     def reclaim(self, record: t.Any, checkout: Checkout) -> None:
         """Report a leaked connection and, by policy, roll it back into the pool."""
         with self.stats._lock:
             self.stats.leaks_detected += 1
-        proxy = checkout.proxy()
+        fairy_ref = record.fairy_ref
+        proxy = None if fairy_ref is None else fairy_ref()
         reclaim = self.leak_policy != "warn" and proxy is not None
         logger.warning(
             "bind %s: a connection checked out %s was not returned when its app"
@@ -354,9 +386,9 @@ class BindGuard:
             self.checked_out.pop(record, None)
             with self.stats._lock:
                 self.stats.leaks_reclaimed += 1
-        elif self.checked_out.get(record) is checkout:
+        elif self.checked_out.get(record) == checkout:
             # Reported once; from now on it is held outside any app context.
-            self.checked_out[record] = checkout._replace(context=None, request=None)
+            self.checked_out[record] = (None, checkout.site, checkout.at, None)
         leak_detected.send(self, site=checkout.site, reclaimed=reclaim)
 
     def _report_held(self) -> None:
@@ -368,13 +400,14 @@ class BindGuard:
         threshold = t.cast(float, self.leak_threshold)
         held = self.checked_out.copy()
         self._reported = {r: c for r, c in self._reported.items() if held.get(r) is c}
-        for record, checkout in held.items():
+        for record, raw in held.items():
+            checkout = Checkout(*raw)
             if (
                 checkout.context is None
                 and now - checkout.at > threshold
                 and record not in self._reported
             ):
-                self._reported[record] = checkout
+                self._reported[record] = raw
                 logger.warning(
                     "bind %s: a connection checked out %s has been held for %.0f s"
                     " (STALEGUARD_LEAK_THRESHOLD=%s)",
@@ -383,6 +416,29 @@ class BindGuard:
                     now - checkout.at,
                     _seconds(threshold),
                 )
+
+
+def _keep_mariadb_4031(dialect: t.Any) -> None:
+    """Stop SQLAlchemy taking MariaDB's 4031 for MySQL 8's idle disconnect.
+
+    On MariaDB 4031 is a trigger error on a live connection; treated as a
+    disconnect it would invalidate the whole pool. An instance attribute on this
+    engine's own dialect, consulted only when a statement fails (the
+    ``handle_error`` event would cost every statement).
+    """
+    is_disconnect = dialect.is_disconnect
+    if getattr(is_disconnect, "staleguard", False):
+        return
+
+    def is_disconnect_on_this_server(
+        error: BaseException, connection: t.Any, cursor: t.Any
+    ) -> bool:
+        if dialect.is_mariadb and error_code(error) in MYSQL_ONLY_GONE:
+            return False
+        return bool(is_disconnect(error, connection, cursor))
+
+    is_disconnect_on_this_server.staleguard = True  # type: ignore[attr-defined]
+    dialect.is_disconnect = is_disconnect_on_this_server
 
 
 def _where(checkout: Checkout) -> str:

@@ -9,6 +9,7 @@ peek (``MSG_PEEK``, nothing consumed) tells which. Bytes that cannot be classifi
 
 from __future__ import annotations
 
+import functools
 import select
 import socket
 import typing as t
@@ -50,24 +51,32 @@ def socket_fd(dbapi_connection: t.Any) -> int | None:
 class SocketProbe:
     """Polls one connection's socket with a zero timeout; costs one syscall."""
 
-    __slots__ = ("_fd", "_poll")
+    __slots__ = ("fd", "poll")
 
     def __init__(self, fd: int) -> None:
-        self._fd = fd
+        self.fd = fd
+        #: ``poll(0)`` is truthy when the socket has anything to report. A bound
+        #: method of a ``select.poll`` object, so the checkout path calls C directly.
+        self.poll: t.Callable[[int], object]
         if _HAS_POLL:
-            self._poll = select.poll()
-            self._poll.register(fd, _EVENTS)
+            poller = select.poll()
+            poller.register(fd, _EVENTS)
+            self.poll = poller.poll
+        else:  # Windows: select works on sockets, poll does not exist.
+            self.poll = functools.partial(_select, fd)
+
+    def peek(self) -> tuple[str, bytes]:
+        """Classify what the socket reported (after :attr:`poll` said something)."""
+        return peek(self.fd)
 
     def check(self) -> tuple[str, bytes] | None:
         """``None`` when the socket is quiet; else a verdict and any peeked bytes."""
-        if _HAS_POLL:
-            if not self._poll.poll(0):
-                return None
-        else:  # Windows: select works on sockets, poll does not exist.
-            readable, _, broken = select.select([self._fd], [], [self._fd], 0)
-            if not readable and not broken:
-                return None
-        return peek(self._fd)
+        return self.peek() if self.poll(0) else None
+
+
+def _select(fd: int, timeout: float) -> bool:
+    readable, _, broken = select.select([fd], [], [fd], timeout)
+    return bool(readable or broken)
 
 
 def peek(fd: int) -> tuple[str, bytes]:

@@ -31,20 +31,22 @@ def run_after_teardowns(app: Flask, state: GuardState) -> None:
     """
     original = app.do_teardown_appcontext
 
-    binds = state.binds.values()
+    extensions = app.extensions
     sessions = state.guard.sessions
+    held = [bind.checked_out for bind in state.binds.values()]
 
     @functools.wraps(original)
     def do_teardown_appcontext(*args: t.Any, **kwargs: t.Any) -> None:
         try:
             original(*args, **kwargs)
         finally:
-            # Inline, as it runs after every request: usually nothing to do.
-            db = app.extensions.get("sqlalchemy")
+            # Inline and without a generator, as it runs after every request:
+            # usually there is nothing to do.
+            db = extensions.get("sqlalchemy")
             if (
                 sessions
                 or (db is not None and getattr(db.session.registry, "registry", True))
-                or any(bind.checked_out for bind in binds)
+                or any(map(bool, held))
             ):
                 clean_up(app, state)
 

@@ -169,3 +169,14 @@ def test_mariadb_4031_is_not_a_disconnect(
         assert app.extensions["staleguard"].binds[None].stats.disconnects == {}
     finally:
         mariadb.execute("DROP TABLE IF EXISTS trg_4031")
+
+
+def test_counting_disconnects_costs_statements_nothing(
+    make_app: AppFactory, mariadb_url: str
+) -> None:
+    app, db = make_app(mariadb_url)
+    with app.app_context():
+        # Any engine or dialect event listener (handle_error, for one) makes
+        # SQLAlchemy look up listeners around every statement.
+        assert db.engine._has_events is False
+        assert db.engine.dialect._has_events is False

@@ -31,6 +31,7 @@ from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import event
 
+from flask_staleguard.bind_guard import STATE
 from tests.conftest import AppFactory
 from tests.servers import MariaDBServer
 
@@ -91,7 +92,7 @@ def instrument(db: SQLAlchemy, tracker: Tracker, server: MariaDBServer) -> None:
     def checkout(dbapi_connection: t.Any, record: t.Any, proxy: t.Any) -> None:
         # Runs after the guard's listener, so only for connections it let through.
         tracker.checkout = (time.monotonic(), record.info["test.cid"])
-        tracker.idle = record.info.get("staleguard.idle")
+        tracker.idle = record.info[STATE].idle
         tracker.first_statement = None
 
     @event.listens_for(engine, "before_cursor_execute")

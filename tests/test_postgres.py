@@ -18,6 +18,7 @@ from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_staleguard import probe
+from flask_staleguard.bind_guard import STATE
 from tests.conftest import AppFactory
 from tests.servers import PostgresServer
 
@@ -181,7 +182,7 @@ def test_pending_notify_does_not_discard_the_connection(
         # The pooled connection's socket really is readable, with bytes no peek
         # can classify: the ping path, not the quiet path, is what is tested.
         record = db.engine.pool._pool.queue[0]  # type: ignore[attr-defined]
-        verdict = record.info["staleguard.probe"].check()
+        verdict = record.info[STATE].probe.check()
         assert verdict is not None and verdict[0] == probe.UNKNOWN
         with db.engine.connect() as conn:
             assert conn.execute(sa.text(PID)).scalar_one() == pid

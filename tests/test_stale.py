@@ -13,6 +13,8 @@ import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
+from flask_staleguard.bind_guard import BindGuard
+from flask_staleguard.settings import load_settings
 from tests.conftest import AppFactory
 from tests.conftest import connection_id
 from tests.conftest import is_gone_error
@@ -165,3 +167,23 @@ def test_idle_budget_alone_replaces_idle_keeps_busy(
         assert replaced != first
         assert connection_id(db) == replaced
     assert stats(app) == {"idle_budget": 1}
+
+
+def test_connection_pooled_before_the_guard_is_guarded_after_its_checkin(
+    short_timeout: MariaDBServer,
+) -> None:
+    engine = sa.create_engine(short_timeout.url)
+    try:
+        with engine.connect() as conn:
+            first = conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one()
+        bind = BindGuard(None, engine.url, load_settings({}), server_timeout=2)
+        bind.attach(engine)
+        with engine.connect() as conn:  # the guard knows nothing of it yet
+            assert conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one() == first
+        time.sleep(3)
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one() != first
+        # Replaced for its idle time, not mistaken for a connection from a parent.
+        assert bind.stats.replaced == {"idle_budget": 1}
+    finally:
+        engine.dispose()
