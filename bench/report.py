@@ -225,8 +225,9 @@ def markdown(results: t.Mapping[str, t.Any]) -> str:
             "Direct loopback COM_PING round trip:"
             f" {_f(latency['direct_ping_rtt_us'], 0)} µs."
             " Delay is the proxy's one-way delay; RTT is measured through it. Per"
-            " round, a variant's figure is its median request (the proxy's rare"
-            " timer stalls swamp the mean; the mean-based figures are in the JSON).",
+            " round, a variant's figure is its 10 %-trimmed mean request (the"
+            " proxy's rare timer stalls swamp the mean, and its timers make the"
+            " median jumpy; the mean- and median-based figures are in the JSON).",
             "",
             "| delay | RTT µs | bare µs/request | "
             + " | ".join(f"{v} added µs" for v in variants)

@@ -18,6 +18,18 @@ def median(values: t.Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def trimmed_mean(values: t.Sequence[float], cut: float = 0.1) -> float:
+    """The mean without the lowest and the highest ``cut`` of ``values``.
+
+    Nearly as steady as the mean on well-behaved samples, yet a few stalls of
+    several milliseconds (a timer-driven proxy has them) cannot move it.
+    """
+    ordered = sorted(values)
+    k = int(len(ordered) * cut)
+    kept = ordered[k : len(ordered) - k] or ordered
+    return sum(kept) / len(kept)
+
+
 def quartiles(values: t.Sequence[float]) -> tuple[float, float]:
     """The first and third quartiles (NaN with fewer than two values)."""
     if len(values) < 2:
