@@ -93,6 +93,20 @@ def targets(
                 ),
             }
         )
+        capacity = throughput["summary"][variant].get("capacity_to_bare")
+        if capacity is not None:
+            rows.append(
+                {
+                    "target": f"the same, by the servers' CPU per request: bare's"
+                    f" ÷ the variant's ≥ {THROUGHPUT_RATIO_MIN}",
+                    "measured": _ci(capacity, 3),
+                    "verdict": _verdict(
+                        capacity["median"] >= THROUGHPUT_RATIO_MIN,
+                        capacity,
+                        THROUGHPUT_RATIO_MIN,
+                    ),
+                }
+            )
     errors = stale_errors(results).get(variant)
     if errors is not None:
         total = sum(errors.values())
@@ -206,12 +220,22 @@ def markdown(results: t.Mapping[str, t.Any]) -> str:
             f" {cfg['load_generator']} with {cfg['connections']} connections,"
             f" {cfg['duration_s']:g} s per variant per round, {cfg['rounds']} rounds.",
             "",
-            "| variant | requests/s | ratio to bare [95 % CI] | failed requests |",
-            "| --- | --- | --- | --- |",
+            "`server CPU µs/request` is the CPU time (user + system) of the"
+            " variant's gunicorn processes during a slice over the requests they"
+            " served; `capacity` is bare's over the variant's in the same round:"
+            " the requests/s ratio the same CPU allows, independent of how the"
+            " slice shared the CPUs with wrk and the database.",
+            "",
+            "| variant | requests/s | ratio to bare [95 % CI] | server CPU µs/request"
+            " | capacity ÷ bare [95 % CI] | failed requests |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
         for v, s in throughput["summary"].items():
+            capacity = s.get("capacity_to_bare")
             lines.append(
                 f"| {v} | {_f(s['rps_median'], 0)} | {_ci(s['ratio_to_bare'], 3)} |"
+                f" {_f(s.get('cpu_us_per_request'), 1)} |"
+                f" {'–' if capacity is None else _ci(capacity, 3)} |"
                 f" {s['failed']} |"
             )
         lines.append("")

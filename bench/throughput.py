@@ -6,6 +6,13 @@ and stay up; a round loads each server in turn, in shuffled order, with ``wrk``
 client when ``wrk`` is missing. Only one server is under load at a time; the
 figure is the median over rounds of each variant's requests/s divided by bare's
 in the same round.
+
+Requests/s on a shared 2-core machine swing by ±10 % between 1-second slices.
+Beside them, each slice's CPU time of the variant's gunicorn processes (user +
+system, from ``/proc``) divided by the requests served gives the CPU a request
+costs the server, a second view that does not depend on how the slice shared
+the CPUs with ``wrk`` and the database. ``capacity`` is bare's CPU per request
+over the variant's: the requests/s ratio the same CPU allows.
 """
 
 from __future__ import annotations
@@ -93,6 +100,24 @@ class Server:
                 time.sleep(0.2)
         raise RuntimeError(f"gunicorn for {self.variant} did not answer in time")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the arbiter and its workers so far."""
+        ticks = 0
+        for pid in [self.proc.pid, *self._workers()]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / _CLOCK_TICKS
+
+    def _workers(self) -> list[int]:
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        try:
+            return [int(pid) for pid in children.read_text().split()]
+        except OSError:
+            return []
+
     def worker_stats(self, tries: int = 8) -> list[dict[str, t.Any]]:
         """``/_bench/stats`` from as many distinct workers as a few tries reach."""
         import json
@@ -118,6 +143,8 @@ class Server:
                 self.proc.wait()
         self._log.close()
 
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 _WRK_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
 _WRK_TOTAL = re.compile(r"(\d+) requests in")
@@ -225,6 +252,7 @@ def run(
             "load_generator": "wrk" if load is wrk_load else "python",
         },
         "rps": {v: [] for v in variants},
+        "cpu_us_per_request": {v: [] for v in variants},
         "failed": dict.fromkeys(variants, 0),
         "latency_p50_ms": {v: [] for v in variants},
         "wrk_output": {v: [] for v in variants},
@@ -238,8 +266,14 @@ def run(
             order = list(variants)
             rng.shuffle(order)
             for variant in order:
-                result = load(servers[variant].url, duration, connections)
+                server = servers[variant]
+                cpu_before = server.cpu_seconds()
+                result = load(server.url, duration, connections)
+                cpu = server.cpu_seconds() - cpu_before
                 raw["rps"][variant].append(result["rps"])
+                raw["cpu_us_per_request"][variant].append(
+                    cpu / result["requests"] * 1e6 if result["requests"] else None
+                )
                 raw["failed"][variant] += result["failed"] + result["socket_errors"]
                 raw["latency_p50_ms"][variant].append(result["latency_p50_ms"])
                 raw["wrk_output"][variant].append(result["raw"])
@@ -259,10 +293,19 @@ def summarize(raw: t.Mapping[str, t.Any], baseline: str = "bare") -> dict[str, t
     """Median requests/s, and the median per-round ratio to ``baseline``."""
     out: dict[str, t.Any] = {}
     base = raw["rps"][baseline]
+    base_cpu = raw.get("cpu_us_per_request", {}).get(baseline)
     for variant, rps in raw["rps"].items():
         out[variant] = {
             "rps_median": stats.median(rps),
             "ratio_to_bare": stats.summary(stats.ratios(rps, base)),
             "failed": raw["failed"][variant],
         }
+        cpu = raw.get("cpu_us_per_request", {}).get(variant)
+        if base_cpu and cpu and None not in cpu and None not in base_cpu:
+            out[variant]["cpu_us_per_request"] = stats.median(cpu)
+            # Requests the same CPU serves, relative to bare: bare's CPU per
+            # request over this variant's, paired within each round.
+            out[variant]["capacity_to_bare"] = stats.summary(
+                stats.ratios(base_cpu, cpu)
+            )
     return out
