@@ -224,7 +224,9 @@ def markdown(results: t.Mapping[str, t.Any]) -> str:
             " variant's gunicorn processes during a slice over the requests they"
             " served; `capacity` is bare's over the variant's in the same round:"
             " the requests/s ratio the same CPU allows, independent of how the"
-            " slice shared the CPUs with wrk and the database.",
+            " slice shared the CPUs with wrk and the database. `bare_control` is a"
+            " second, identical bare server (an A/A control): its ratios are how"
+            " far two identical servers differ in this harness.",
             "",
             "| variant | requests/s | ratio to bare [95 % CI] | server CPU µs/request"
             " | capacity ÷ bare [95 % CI] | failed requests |",

@@ -13,6 +13,10 @@ system, from ``/proc``) divided by the requests served gives the CPU a request
 costs the server, a second view that does not depend on how the slice shared
 the CPUs with ``wrk`` and the database. ``capacity`` is bare's CPU per request
 over the variant's: the requests/s ratio the same CPU allows.
+
+A second bare server (``bare_control``) runs in every round like a variant: an
+A/A control. Its ratio to bare is what two identical servers differ by in this
+harness, the scale against which a variant's ratio means anything.
 """
 
 from __future__ import annotations
@@ -45,10 +49,12 @@ def _free_port() -> int:
 class Server:
     """One gunicorn serving :mod:`bench.wsgi` for one variant."""
 
-    def __init__(self, variant: str, url: str, workers: int, log_dir: Path) -> None:
-        self.variant = variant
+    def __init__(
+        self, name: str, variant: str, url: str, workers: int, log_dir: Path
+    ) -> None:
+        self.variant = name
         self.port = _free_port()
-        self.log_path = log_dir / f"gunicorn-{variant}.log"
+        self.log_path = log_dir / f"gunicorn-{name}.log"
         env = {
             **os.environ,
             "BENCH_VARIANT": variant,
@@ -143,6 +149,9 @@ class Server:
                 self.proc.wait()
         self._log.close()
 
+
+#: The A/A control: a second, identical bare server.
+CONTROL = "bare_control"
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -241,7 +250,11 @@ def run(
     """Start the servers, run the shuffled rounds, stop the servers."""
     load = wrk_load if shutil.which("wrk") else python_load
     log(f"load generator: {'wrk' if load is wrk_load else 'python client'}")
-    servers = {v: Server(v, url, workers, log_dir) for v in variants}
+    variants = [*variants, CONTROL]
+    servers = {
+        v: Server(v, "bare" if v == CONTROL else v, url, workers, log_dir)
+        for v in variants
+    }
     rng = random.Random(seed)
     raw: dict[str, t.Any] = {
         "config": {
