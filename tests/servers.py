@@ -80,6 +80,26 @@ def free_port() -> int:
         return port
 
 
+def as_user(user: str, death_signal: str, args: Sequence[str]) -> list[str]:
+    """``args`` under ``setpriv``, as ``user``, signalled when this process dies.
+
+    setpriv drops privileges first and then sets the parent-death signal, which a
+    credential change would otherwise clear. The signal fires when the *thread*
+    that started the child exits, so a server started from another thread than
+    the main one gets none.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    return [
+        "setpriv",
+        f"--reuid={user}",
+        f"--regid={user}",
+        "--init-groups",
+        f"--pdeathsig={death_signal if main else 'clear'}",
+        "--",
+        *args,
+    ]
+
+
 def wait_for_port(
     host: str, port: int, timeout: float, alive: Callable[[], bool]
 ) -> bool:
@@ -795,17 +815,7 @@ class PgBouncer(_ManagedProcess):
             return [self.binary, "-u", self.run_as, str(cfg)]
         # `-u` would drop privileges inside pgbouncer, which clears the parent-death
         # signal; setpriv drops them first and then sets it, so it survives exec.
-        main = threading.current_thread() is threading.main_thread()
-        return [
-            "setpriv",
-            f"--reuid={self.run_as}",
-            f"--regid={self.run_as}",
-            "--init-groups",
-            f"--pdeathsig={'TERM' if main else 'clear'}",
-            "--",
-            self.binary,
-            str(cfg),
-        ]
+        return as_user(self.run_as, "TERM", [self.binary, str(cfg)])
 
 
 # ---------------------------------------------------------------------------
@@ -939,18 +949,8 @@ class PostgresServer(_PrivateServer):
             return list(args)
         if shutil.which("setpriv") is None:
             raise RuntimeError("setpriv not found; install it with util-linux")
-        # setpriv drops privileges and then sets the parent-death signal, which a
-        # credential change would otherwise clear. SIGINT is a fast shutdown.
-        main = threading.current_thread() is threading.main_thread()
-        return [
-            "setpriv",
-            f"--reuid={self.run_as}",
-            f"--regid={self.run_as}",
-            "--init-groups",
-            f"--pdeathsig={'INT' if main else 'clear'}",
-            "--",
-            *args,
-        ]
+        # SIGINT is PostgreSQL's fast shutdown.
+        return as_user(self.run_as, "INT", args)
 
     def _runtime_dir(self) -> Path:
         """Where data and sockets live: basedir if the owner can reach it."""
