@@ -22,6 +22,10 @@ import typing as t
 from . import stats
 from .variants import BenchApp
 
+#: Per-round statistic -> its key in the raw figures: the round's mean request
+#: (round time / requests), its median request, its 10 %-trimmed mean request.
+PER_ROUND = {"mean": "wall_us", "p50": "p50_us", "trim": "trim_us"}
+
 #: How many error messages to keep per variant in the raw output.
 _KEEP_ERRORS = 5
 
@@ -145,7 +149,7 @@ def summarize(
     the reference's added cost happened to be tiny).
     """
     out: dict[str, t.Any] = {}
-    wall = raw[{"mean": "wall_us", "p50": "p50_us", "trim": "trim_us"}[statistic]]
+    wall = raw[PER_ROUND[statistic]]
     cpu = raw["cpu_us"]
     base_w, base_c = wall[baseline], cpu[baseline]
     ref_added = stats.paired(wall[reference], base_w) if reference in wall else []
@@ -156,15 +160,12 @@ def summarize(
         entry: dict[str, t.Any] = {
             "statistic": statistic,
             "per_request_us": stats.median(wall[name]),
-            "added_us_mean": stats.summary(
-                stats.paired(raw["wall_us"][name], raw["wall_us"][baseline])
-            ),
-            "added_us_p50": stats.summary(
-                stats.paired(raw["p50_us"][name], raw["p50_us"][baseline])
-            ),
-            "added_us_trim": stats.summary(
-                stats.paired(raw["trim_us"][name], raw["trim_us"][baseline])
-            ),
+            **{
+                f"added_us_{kind}": stats.summary(
+                    stats.paired(raw[key][name], raw[key][baseline])
+                )
+                for kind, key in PER_ROUND.items()
+            },
             "cpu_per_request_us": stats.median(cpu[name]),
             "added_us": stats.summary(added),
             "added_cpu_us": stats.summary(added_cpu),
