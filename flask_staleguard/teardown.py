@@ -41,7 +41,9 @@ def run_after_teardowns(app: Flask, state: GuardState) -> None:
             original(*args, **kwargs)
         finally:
             # Inline and without a generator, as it runs after every request:
-            # usually there is nothing to do.
+            # usually there is nothing to do. An empty session registry (the
+            # usual case: Flask-SQLAlchemy removed the session) needs no lookup
+            # of the current scope.
             db = extensions.get("sqlalchemy")
             if (
                 sessions
@@ -61,9 +63,7 @@ def clean_up(app: Flask, state: GuardState) -> None:
     leaks = 0
     try:
         db = app.extensions.get("sqlalchemy")
-        # An empty registry (the usual case: Flask-SQLAlchemy removed the
-        # session) needs no lookup of the current scope.
-        if db is not None and getattr(db.session.registry, "registry", True):
+        if db is not None:
             remove_session(db.session, "db.session", abnormal=True)
         for session in state.guard.sessions:
             remove_session(session, repr(session), abnormal=False)
