@@ -14,15 +14,19 @@ from tests.conftest import AppFactory
 from tests.servers import MariaDBServer
 from tests.servers import PostgresServer
 
+MYSQL_ID = sa.text("SELECT CONNECTION_ID()")
+POSTGRES_ID = sa.text("SELECT pg_backend_pid()")
 
-def _ids(app: Flask, db: SQLAlchemy, n: int) -> list[int]:
+
+def _ids(
+    app: Flask, db: SQLAlchemy, n: int, query: sa.TextClause = MYSQL_ID
+) -> list[int]:
+    """The server-side ids of ``n`` checkouts, one after the other."""
     out = []
     with app.app_context():
         for _ in range(n):
             with db.engine.connect() as conn:
-                out.append(
-                    int(conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one())
-                )
+                out.append(int(conn.execute(query).scalar_one()))
     return out
 
 
@@ -68,17 +72,6 @@ def test_mysqlclient_without_guard_fails(
         _ids(app, db, 1)
 
 
-def _pids(app: Flask, db: SQLAlchemy, n: int) -> list[int]:
-    out = []
-    with app.app_context():
-        for _ in range(n):
-            with db.engine.connect() as conn:
-                out.append(
-                    int(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
-                )
-    return out
-
-
 @pytest.fixture()
 def psycopg2_url(postgres: PostgresServer) -> str:
     # Not importorskip: tox installs psycopg2-binary, and a skip proves nothing.
@@ -108,9 +101,9 @@ def test_psycopg2_terminated_backend_is_replaced_only_with_the_guard(
     )
     with guarded.app_context():
         assert guarded_db.engine.dialect.driver == "psycopg2"
-    first = _pids(guarded, guarded_db, 2)
+    first = _ids(guarded, guarded_db, 2, POSTGRES_ID)
     assert first[0] == first[1]
-    control = _pids(unguarded, unguarded_db, 1)[0]
+    control = _ids(unguarded, unguarded_db, 1, POSTGRES_ID)[0]
     # Waits until the backends have exited: their sockets are closed by now.
     killed = postgres.terminate_backends(application_name="staleguard-psycopg2-guarded")
     assert killed == [first[0]]
@@ -120,9 +113,9 @@ def test_psycopg2_terminated_backend_is_replaced_only_with_the_guard(
     assert killed == [control]
 
     with pytest.raises(sa.exc.OperationalError):
-        _pids(unguarded, unguarded_db, 1)
+        _ids(unguarded, unguarded_db, 1, POSTGRES_ID)
 
-    second = _pids(guarded, guarded_db, 1)[0]
+    second = _ids(guarded, guarded_db, 1, POSTGRES_ID)[0]
     assert second != first[0]
     replaced = guarded.extensions["staleguard"].binds[None].stats.replaced
     assert sum(replaced.values()) == 1
