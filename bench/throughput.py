@@ -47,12 +47,13 @@ def _free_port() -> int:
 
 
 class Server:
-    """One gunicorn serving :mod:`bench.wsgi` for one variant."""
+    """One gunicorn serving :mod:`bench.wsgi` for one variant, under ``name``
+    (the A/A control is a second server of the bare variant)."""
 
     def __init__(
         self, name: str, variant: str, url: str, workers: int, log_dir: Path
     ) -> None:
-        self.variant = name
+        self.name = name
         self.port = _free_port()
         self.log_path = log_dir / f"gunicorn-{name}.log"
         env = {
@@ -96,7 +97,7 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(
-                    f"gunicorn for {self.variant} exited: {self.log_path.read_text()}"
+                    f"gunicorn for {self.name} exited: {self.log_path.read_text()}"
                 )
             try:
                 with urllib.request.urlopen(self.url, timeout=2) as response:
@@ -104,7 +105,7 @@ class Server:
                         return
             except OSError:
                 time.sleep(0.2)
-        raise RuntimeError(f"gunicorn for {self.variant} did not answer in time")
+        raise RuntimeError(f"gunicorn for {self.name} did not answer in time")
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the arbiter and its workers so far."""
