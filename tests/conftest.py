@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import typing as t
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,3 +172,28 @@ def is_gone_error(error: BaseException) -> bool:
     """Whether ``error`` is the stale-connection failure the guard prevents."""
     orig = getattr(error, "orig", error)
     return isinstance(orig, (pymysql.err.OperationalError, pymysql.err.InterfaceError))
+
+
+@contextlib.contextmanager
+def raises(expected: type[BaseException], match: str = "") -> Iterator[None]:
+    """``pytest.raises``, also through the exception group in which Flask 3.2
+    gathers what teardown functions raised.
+    """
+    try:
+        yield
+    except BaseException as e:
+        found = [
+            error
+            for error in _flatten(e)
+            if isinstance(error, expected) and re.search(match, str(error))
+        ]
+        if not found:
+            raise
+    else:
+        pytest.fail(f"DID NOT RAISE {expected.__name__}")
+
+
+def _flatten(error: BaseException) -> Iterator[BaseException]:
+    yield error
+    for inner in getattr(error, "exceptions", ()):
+        yield from _flatten(inner)

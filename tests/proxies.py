@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from sqlalchemy.engine import make_url
 
-__all__ = ["TcpProxy"]
+__all__ = ["MuteServer", "TcpProxy"]
 
 LOCALHOST = "127.0.0.1"
 _POLL = 0.05  # how quickly threads notice stop() / an idle action
@@ -94,6 +94,12 @@ class _Connection:
                     self.touch()
                     if not data:
                         eof = True
+                    elif (
+                        src is self.client
+                        and self.proxy.drop_on is not None
+                        and self.proxy.drop_on in data
+                    ):
+                        self.dropping = True  # this chunk, and all after it
                     elif not self.dropping:
                         pending.append((time.monotonic() + delay, data))
                 if self.dropping:
@@ -147,6 +153,8 @@ class TcpProxy:
     delay: one-way delay per forwarded chunk, both directions.
     idle_close / idle_reset / idle_drop: after that many seconds without traffic either
     way, FIN both sides / RST the client (FIN upstream) / silently forward nothing more.
+    drop_on: once a client sends bytes containing this, forward nothing more on its
+    connection, that chunk included (a server that stops answering mid-session).
     """
 
     def __init__(
@@ -158,6 +166,7 @@ class TcpProxy:
         idle_close: float | None = None,
         idle_reset: float | None = None,
         idle_drop: float | None = None,
+        drop_on: bytes | None = None,
     ) -> None:
         if sum(x is not None for x in (idle_close, idle_reset, idle_drop)) > 1:
             raise ValueError("choose at most one of idle_close, idle_reset, idle_drop")
@@ -167,6 +176,7 @@ class TcpProxy:
         self.idle_close = idle_close
         self.idle_reset = idle_reset
         self.idle_drop = idle_drop
+        self.drop_on = drop_on
         self.connections_seen = 0
         self.stopping = threading.Event()
         self._lock = threading.Lock()
@@ -240,6 +250,18 @@ class TcpProxy:
             with contextlib.suppress(OSError):
                 conn.client.sendall(data)
             conn.terminate("fin")
+        return len(conns)
+
+    def say_and_drop(self, data: bytes) -> int:
+        """Send ``data`` to every client, then forward nothing more either way: the
+        client sees bytes it must ask about, and the question is never answered.
+        """
+        with self._lock:
+            conns = [conn for conn in self._connections if not conn.closing.is_set()]
+        for conn in conns:
+            conn.dropping = True
+            with contextlib.suppress(OSError):
+                conn.client.sendall(data)
         return len(conns)
 
     def close_all(self, *, reset: bool = False) -> int:
@@ -324,3 +346,58 @@ class TcpProxy:
 
     def __repr__(self) -> str:
         return f"<TcpProxy :{self._port} -> {self.target_host}:{self.target_port}>"
+
+
+class MuteServer:
+    """A port on 127.0.0.1 that never answers, in one of two ways.
+
+    ``"silent"``: it accepts connections and never sends a byte, as a frozen
+    server or a half-dead proxy does. ``"syn-drop"``: its accept queue is full, so
+    the kernel drops every SYN, as a firewall does; a connect waits for TCP's
+    retries (about two minutes) unless its own timeout ends it.
+    """
+
+    def __init__(self, mode: Literal["silent", "syn-drop"] = "silent") -> None:
+        self.mode = mode
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind((LOCALHOST, 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._held: list[socket.socket] = []
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def url(self, driver: str) -> str:
+        """A SQLAlchemy URL for ``driver`` (``mysql+pymysql``, ...) at this port."""
+        return f"{driver}://sg:s3cr3t-pw@{LOCALHOST}:{self.port}/staleguard"
+
+    def __enter__(self) -> MuteServer:
+        if self.mode == "syn-drop":
+            self._listener.listen(0)
+            # The one connection the queue holds; nobody accepts it.
+            self._held.append(socket.create_connection((LOCALHOST, self.port)))
+        else:
+            self._listener.listen(128)
+            self._listener.settimeout(_POLL)
+            self._thread = threading.Thread(
+                target=self._accept, name="mute-server", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            self._held.append(conn)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        # Closing ends every wait on them: abandoned clients finish too.
+        for sock in self._held:
+            _set_abortive(sock)
+            sock.close()
+        self._listener.close()

@@ -13,12 +13,12 @@ from flask_staleguard.check import check
 from flask_staleguard.check import find_problems
 from flask_staleguard.check import Problem
 from flask_staleguard.inspect import pool_report
+from tests.clitools import invoke
+from tests.clitools import run_flask
 from tests.conftest import AppFactory
 from tests.servers import APP_PASSWORD
 from tests.servers import free_port
 from tests.servers import MariaDBServer
-from tests.test_cli import invoke
-from tests.test_cli import run_flask
 
 PROBLEM_KEYS = {"code", "bind", "message", "fix", "severity"}
 

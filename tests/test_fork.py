@@ -8,78 +8,33 @@ belonging to exactly one worker.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 import typing as t
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.servers import free_port
 from tests.servers import MariaDBServer
-from tests.servers import wait_for_port
+from tests.webservers import Gunicorn
 
-ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 3
 REQUESTS = 360
 
 
-class Gunicorn:
-    """gunicorn on a free port, stopped (TERM, then KILL) when the block ends."""
-
-    def __init__(self, url: str, log: Path, **env: str) -> None:
-        self.port = free_port()
-        self.log = log
-        self.env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT), **env}
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Gunicorn:
-        args = [
-            sys.executable, "-m", "gunicorn", "--preload",
-            "--workers", str(WORKERS), "--threads", "4",
-            # A gthread worker otherwise accepts up to 1000 clients at once, so
-            # one worker could take every request; at 4, all must share.
-            "--worker-connections", "4",
-            "--bind", f"127.0.0.1:{self.port}", "--timeout", "30",
-            "tests.apps.fork_app:app",
-        ]  # fmt: skip
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                args, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT
-            )
-        proc = self.proc
-        try:
-            wait_for_port("127.0.0.1", self.port, 30, lambda: proc.poll() is None)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-    def get(self, path: str) -> dict[str, t.Any]:
-        url = f"http://127.0.0.1:{self.port}{path}"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            body: dict[str, t.Any] = json.loads(response.read())
-            return body
+def fork_app(url: str, log: Path, **env: str) -> Gunicorn:
+    """The --preload app, WORKERS workers of 4 threads each."""
+    return Gunicorn(
+        "tests.apps.fork_app:app",
+        log,
+        "--preload", "--workers", str(WORKERS), "--threads", "4",
+        # A gthread worker otherwise accepts up to 1000 clients at once, so
+        # one worker could take every request; at 4, all must share.
+        "--worker-connections", "4",
+        url=url,
+        **env,
+    )  # fmt: skip
 
 
 def hammer(server: Gunicorn) -> tuple[list[dict[str, t.Any]], list[str]]:
@@ -87,7 +42,8 @@ def hammer(server: Gunicorn) -> tuple[list[dict[str, t.Any]], list[str]]:
 
     def one(_: int) -> dict[str, t.Any] | str:
         try:
-            return server.get("/q")
+            reply: dict[str, t.Any] = server.get("/q")
+            return reply
         except Exception as e:
             return f"{type(e).__name__}: {e}"
 
@@ -108,7 +64,7 @@ def test_preload_workers_never_share_the_masters_connection(
     mariadb: MariaDBServer, gunicorn_log: Path
 ) -> None:
     started = time.monotonic()
-    with Gunicorn(mariadb.url, gunicorn_log) as server:
+    with fork_app(mariadb.url, gunicorn_log) as server:
         master = server.get("/master")
         replies, failures = hammer(server)
     log = gunicorn_log.read_text(errors="replace")
@@ -137,7 +93,7 @@ def test_preload_workers_never_share_the_masters_connection(
 def test_without_guard_workers_share_the_masters_connection(
     mariadb: MariaDBServer, gunicorn_log: Path
 ) -> None:
-    with Gunicorn(mariadb.url, gunicorn_log, STALEGUARD_TEST_GUARD="0") as server:
+    with fork_app(mariadb.url, gunicorn_log, STALEGUARD_TEST_GUARD="0") as server:
         master = server.get("/master")
         replies, failures = hammer(server)
     owners: dict[int, set[int]] = {}
