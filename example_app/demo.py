@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+import typing as t
 
 import sqlalchemy as sa
 from flask import Flask
@@ -25,9 +26,12 @@ IDLE = 3.0
 SESSION_TIMEOUT = 2
 
 
-def run(app: Flask, label: str) -> int:
-    """Warm the pool, idle past the timeout, send five requests; count failures."""
+def run(make_app: t.Callable[[], Flask], label: str) -> int:
+    """Make the app, warm its pool, idle past the timeout, send five requests;
+    count the failures.
+    """
     print(f"\n== {label}")
+    app = make_app()  # after the heading: the guard logs its start-up line
     with app.app_context(), contextlib.ExitStack() as stack:
         from example_app import db
 
@@ -60,8 +64,22 @@ def main() -> int:
 
 def main_for(url: str) -> int:
     """Run the demo against ``url``; 0 when it showed the failure and the fix."""
-    logging.basicConfig(format="   log: %(name)s %(levelname)s %(message)s")
-    logging.getLogger("flask_staleguard").setLevel(logging.INFO)
+    # The log goes where the prints go, so piped output stays in order.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        logging.Formatter("   log: %(name)s %(levelname)s %(message)s")
+    )
+    logger = logging.getLogger("flask_staleguard")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        return _compare(url)
+    finally:
+        logger.removeHandler(handler)
+
+
+def _compare(url: str) -> int:
+    """The same app without and with the guard; 0 when only the first failed."""
     config = {
         "SQLALCHEMY_DATABASE_URI": url,
         "SQLALCHEMY_ENGINE_OPTIONS": {
@@ -73,8 +91,8 @@ def main_for(url: str) -> int:
         "TESTING": True,
         "PROPAGATE_EXCEPTIONS": True,
     }
-    bare = run(create_app(config, guarded=False), "Flask-SQLAlchemy alone")
-    guarded = run(create_app(config), "with flask-staleguard")
+    bare = run(lambda: create_app(config, guarded=False), "Flask-SQLAlchemy alone")
+    guarded = run(lambda: create_app(config), "with flask-staleguard")
     print(f"\nfailed requests: {bare} without the guard, {guarded} with it")
     return 0 if bare > 0 and guarded == 0 else 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .errors import ConnectionReclaimed as ConnectionReclaimed
 from .errors import LeakError as LeakError
 from .extension import StaleGuard as StaleGuard
 from .inspect import pool_snapshot as pool_snapshot

@@ -18,20 +18,24 @@ import typing as t
 import weakref
 
 import sqlalchemy as sa
-from flask.globals import _cv_app
-from flask.globals import _cv_request
 from sqlalchemy import event
 from sqlalchemy.exc import DisconnectionError
 
+from . import _private
 from . import probe
+from .contexts import current_context
+from .contexts import current_request
+from .deadline import NoAnswer
+from .deadline import shut_down_after
 from .derive import derive_engine_options
 from .derive import effective_timeout
 from .derive import idle_budget
-from .discovery import flavor
 from .discovery import session_idle_timeout
 from .errors import disconnect_label
 from .errors import error_code
+from .errors import LeakError
 from .errors import MYSQL_ONLY_GONE
+from .redact import Secrets
 from .settings import bind_name
 from .settings import BindKey
 from .settings import Settings
@@ -42,6 +46,7 @@ from .sites import checkout_site
 from .sites import format_site
 from .sites import Site
 from .stats import BindStats
+from .units import seconds_text
 
 logger = logging.getLogger("flask_staleguard")
 
@@ -70,10 +75,14 @@ os.register_at_fork(after_in_child=_note_fork)
 class ConnectionState:
     """What the guard knows about one pooled DBAPI connection."""
 
-    __slots__ = ("pid", "budget", "probe", "returned", "idle")
+    __slots__ = ("pid", "budget", "probe", "tls", "returned", "idle")
 
     def __init__(
-        self, pid: int, budget: float, socket_probe: probe.SocketProbe | None
+        self,
+        pid: int,
+        budget: float,
+        socket_probe: probe.SocketProbe | None,
+        tls: bool | None = None,
     ) -> None:
         #: The process that opened it.
         self.pid = pid
@@ -81,6 +90,8 @@ class ConnectionState:
         self.budget = budget
         #: Its socket's liveness check; ``None`` when the driver hides the socket.
         self.probe = socket_probe
+        #: Whether it runs over TLS; ``None`` when the driver does not say.
+        self.tls = tls
         #: ``time.monotonic()`` of its last checkin; ``None`` until the first.
         self.returned: float | None = None
         #: Seconds it had idled before its latest checkout.
@@ -90,13 +101,15 @@ class ConnectionState:
 class Checkout(t.NamedTuple):
     """A connection the app holds: who took it, where, and when."""
 
-    #: ``id()`` of the app context that took it, or ``None``.
-    context: int | None
+    #: The app context that took it, or ``None``.
+    context: t.Any
     #: The app's frames that took it, when recorded.
     site: Site
     at: float
-    #: The request context that took it, if any.
+    #: The request that took it, while the bind names leaks by request.
     request: t.Any
+    #: A weak reference to the proxy the holder has (SQLAlchemy's pool proxy).
+    proxy: weakref.ref[t.Any]
 
 
 class BindGuard:
@@ -105,7 +118,8 @@ class BindGuard:
     def __init__(
         self,
         key: BindKey,
-        url: sa.engine.URL,
+        secrets: Secrets,
+        kind: str,
         settings: Settings,
         server_timeout: float | None,
         *,
@@ -114,12 +128,17 @@ class BindGuard:
         self.key = key
         #: The bind's name in logs and output.
         self.name = bind_name(key)
-        #: The URL with its password masked: safe for logs and output.
-        self.url = url.render_as_string(hide_password=True)
-        self.kind = flavor(url)
+        #: The bind's credentials, to mask wherever they could show.
+        self.secrets = secrets
+        #: The URL with every credential masked: safe for logs and output.
+        self.url = secrets.url
+        #: ``"mysql"``, ``"postgresql"``, ``"sqlite"`` or another backend name.
+        self.kind = kind
         self.strategy = settings.strategy
         self.leak_policy = settings.leaks
         self.leak_threshold = settings.leak_threshold
+        #: Seconds any exchange of the guard's own with the server may take.
+        self.timeout = settings.discovery_timeout
         self._idle_timeout = settings.idle_timeout_for(key)
         self._margin = settings.margin
         #: ``True`` while the server's timeout is discovered per connection.
@@ -135,7 +154,9 @@ class BindGuard:
         self.stats = BindStats()
         #: Connections checked out now, with who took them, where and when: the
         #: fields of a :class:`Checkout`, as a plain tuple (cheaper to build).
-        self.checked_out: dict[t.Any, tuple[int | None, Site, float, t.Any]] = {}
+        self.checked_out: dict[
+            t.Any, tuple[t.Any, Site, float, t.Any, weakref.ref[t.Any]]
+        ] = {}
         self._guarding = self.strategy == "guard"
         self._watching = self.strategy != "off"
         self._engines: weakref.WeakSet[sa.engine.Engine] = weakref.WeakSet()
@@ -175,7 +196,7 @@ class BindGuard:
         # statement an event lookup.
         event.listen(engine, "invalidate", self._on_invalidate)
         if self.kind == "mysql":
-            _keep_mariadb_4031(engine.dialect)
+            event.listen(engine, "handle_error", _keep_mariadb_4031)
 
     # -- pool events ---------------------------------------------------------------
 
@@ -183,7 +204,9 @@ class BindGuard:
         budget = self.budget
         if self._watching and self.discovers:
             try:
-                timeout = session_idle_timeout(dbapi_connection, self.kind)
+                timeout = self._session_timeout(dbapi_connection)
+            except NoAnswer:
+                raise  # the connection was shut down: the pool must not keep it
             except Exception as e:  # never fail a connect over a diagnostic
                 logger.debug(
                     "bind %s: could not read the idle timeout: %s", self.name, e
@@ -194,12 +217,28 @@ class BindGuard:
                     self._learn(timeout)
         record.info[STATE] = self._state(dbapi_connection, budget)
 
+    def _session_timeout(self, dbapi_connection: t.Any) -> float | None:
+        """The new connection's idle timeout, asked within :attr:`timeout`."""
+        with shut_down_after(dbapi_connection, self.timeout) as struck:
+            try:
+                return session_idle_timeout(dbapi_connection, self.kind)
+            except Exception:
+                if struck():
+                    raise NoAnswer(
+                        f"bind {self.name}: the server did not answer the guard's"
+                        f" query for its idle timeout within {self.timeout:g} s"
+                        " (STALEGUARD_DISCOVERY_TIMEOUT); the connection was closed"
+                    ) from None
+                raise
+
     def _state(self, dbapi_connection: t.Any, budget: float) -> ConnectionState:
         socket_probe = None
+        tls = None
         if self._guarding:
             fd = probe.socket_fd(dbapi_connection)
             socket_probe = None if fd is None else probe.SocketProbe(fd)
-        return ConnectionState(_pid, budget, socket_probe)
+            tls = probe.uses_tls(dbapi_connection)
+        return ConnectionState(_pid, budget, socket_probe, tls)
 
     # The two listeners below run for every checkout: every attribute lookup and
     # call counts, so they are written flat.
@@ -224,16 +263,18 @@ class BindGuard:
                 # poll(0) is the whole check when the socket is quiet, as it is
                 # for a live idle connection: called directly, no Python frame.
                 if socket_probe is not None and socket_probe.poll(0):
-                    self._judge(socket_probe.peek(), dbapi_connection, idle)
-        ctx = _cv_app.get(None)
+                    self._judge(socket_probe.peek(), dbapi_connection, state)
+        ctx = current_context()
         if ctx is not None:
             # The stack walk is most of a checkout's cost, so it waits for the
             # bind's first leak; that one is reported by its request instead.
+            sites = self._sites
             self.checked_out[record] = (
-                id(ctx),
-                checkout_site() if self._sites else (),
+                ctx,
+                checkout_site() if sites else (),
                 now,
-                _cv_request.get(None),
+                None if sites else current_request(),
+                weakref.ref(proxy),
             )
         else:
             held = self.leak_threshold is not None
@@ -242,6 +283,7 @@ class BindGuard:
                 checkout_site() if held else (),
                 now,
                 None,
+                weakref.ref(proxy),
             )
         if self.leak_threshold is not None:
             self._report_held()
@@ -258,24 +300,35 @@ class BindGuard:
         self.checked_out.pop(record, None)
 
     def _judge(
-        self, verdict: tuple[str, bytes], dbapi_connection: t.Any, idle: float
+        self,
+        verdict: tuple[str, bytes],
+        dbapi_connection: t.Any,
+        state: ConnectionState,
     ) -> None:
         """Replace a connection whose socket spoke while idle, unless a ping says no."""
         reason, data = verdict
+        idle = t.cast(float, state.idle)
         if reason != probe.UNKNOWN:
             raise self._replace(reason, idle)
+        detail = ""
         if self.kind == "mysql":
-            code = probe.mysql_error_code(data)
-            if code is not None:
-                raise self._replace(probe.SERVER_ERROR, idle, f"error {code}")
+            reason, detail = probe.mysql_verdict(data, state.tls)
+            if reason != probe.UNKNOWN:
+                raise self._replace(reason, idle, detail)
         # Bytes nobody can classify here (TLS records, a NOTIFY): one real ping
-        # decides, rather than trusting or discarding blindly.
-        try:
-            alive = self._dialect.do_ping(dbapi_connection)
-        except Exception:
-            alive = False
+        # decides, rather than trusting or discarding blindly; within the time
+        # limit, as a silently dropped path would never answer.
+        with shut_down_after(dbapi_connection, self.timeout) as struck:
+            try:
+                alive = self._dialect.do_ping(dbapi_connection)
+            except Exception:
+                alive = False
+        if struck():
+            raise self._replace(
+                "probe_ping_timeout", idle, f"no answer within {self.timeout:g} s"
+            )
         if not alive:
-            raise self._replace("probe_ping_failed", idle)
+            raise self._replace("probe_ping_failed", idle, detail)
 
     def _replace(
         self, reason: str, idle: float | None, detail: str = ""
@@ -305,21 +358,23 @@ class BindGuard:
             ):
                 self.applied["pool_recycle"] = recycle
                 for engine in list(self._engines):
-                    engine.pool._recycle = int(recycle)
+                    _private.set_pool_option(engine.pool, "pool_recycle", int(recycle))
         logger.info(
             "bind %s: the server's idle timeout is %s (was %s); idle budget %s",
             self.name,
-            _seconds(timeout),
-            _seconds(was),
-            _seconds(self.budget),
+            seconds_text(timeout),
+            seconds_text(was),
+            seconds_text(self.budget),
         )
 
     def _on_invalidate(
         self, dbapi_connection: t.Any, record: t.Any, exception: BaseException | None
     ) -> None:
         """Count and explain a connection the pool drops after a disconnect error."""
-        if exception is None or isinstance(exception, DisconnectionError):
-            return  # invalidated by the app, or replaced at checkout (counted there)
+        if exception is None or isinstance(exception, (DisconnectionError, LeakError)):
+            # Invalidated by the app, replaced at checkout (counted there), or a
+            # leak taken back (counted as one).
+            return
         mariadb = bool(getattr(self._dialect, "is_mariadb", False))
         label = disconnect_label(exception, self.kind, mariadb=mariadb)
         if label is None:
@@ -350,46 +405,75 @@ class BindGuard:
 
     # -- leaks -------------------------------------------------------------------
 
-    def leaks_of(self, context: int) -> list[tuple[t.Any, Checkout]]:
+    def leaks_of(self, context: t.Any) -> list[tuple[t.Any, Checkout]]:
         """Connections checked out in the app context ``context`` and still out."""
         return [
             (r, Checkout(*c))
             for r, c in self.checked_out.copy().items()
-            if c[0] == context
+            if c[0] is context
         ]
 
     def reclaim(self, record: t.Any, checkout: Checkout) -> None:
-        """Report a leaked connection and, by policy, roll it back into the pool."""
-        with self.stats._lock:
-            self.stats.leaks_detected += 1
-        fairy_ref = record.fairy_ref
-        proxy = None if fairy_ref is None else fairy_ref()
+        """Report a leaked connection and, by policy, take it back from its holder.
+
+        Taking it back closes it and frees its pool slot: the holder may still use
+        it, so it is never handed to anyone else. The holder's next use raises
+        :class:`~flask_staleguard.ConnectionReclaimed`.
+        """
+        self.stats.add("leaks_detected")
+        proxy = checkout.proxy()
         reclaim = self.leak_policy != "warn" and proxy is not None
+        where = _where(checkout)
         logger.warning(
             "bind %s: a connection checked out %s was not returned when its app"
             " context ended; %s%s",
             self.name,
-            _where(checkout),
-            "rolled back and returned to the pool"
+            where,
+            "closed and its pool slot freed: its holder's next use raises"
+            " ConnectionReclaimed"
             if reclaim
             else "left checked out (STALEGUARD_LEAKS='warn')",
             "" if self._sites else "; file and line are recorded for the next leaks",
         )
         self._sites = True
         if reclaim:
-            try:
-                proxy.close()  # type: ignore[union-attr]
-            except Exception as e:  # a failed rollback: SQLAlchemy invalidates it
-                logger.warning(
-                    "bind %s: could not return the connection: %s", self.name, e
-                )
+            self._take_back(proxy, where)
             self.checked_out.pop(record, None)
-            with self.stats._lock:
-                self.stats.leaks_reclaimed += 1
-        elif self.checked_out.get(record) == checkout:
+            self.stats.add("leaks_reclaimed")
+        elif self.checked_out.get(record) == tuple(checkout):
             # Reported once; from now on it is held outside any app context.
-            self.checked_out[record] = (None, checkout.site, checkout.at, None)
+            self.checked_out[record] = (
+                None,
+                checkout.site,
+                checkout.at,
+                None,
+                checkout.proxy,
+            )
         leak_detected.send(self, site=checkout.site, reclaimed=reclaim)
+
+    def _take_back(self, proxy: t.Any, where: str) -> None:
+        """Close a leaked connection under its holder and free its pool slot."""
+        message = (
+            f"flask-staleguard closed this connection (checked out {where}) when"
+            " the app context that checked it out ended, because it was still"
+            f" checked out (STALEGUARD_LEAKS={self.leak_policy!r}); return"
+            " connections before the context ends"
+        )
+        try:
+            dbapi_connection = proxy.dbapi_connection
+            if dbapi_connection is None:
+                return
+            # Shut the socket first: a holder busy on it in another thread fails
+            # at once, and the driver's goodbye can never interleave with its bytes.
+            fd = probe.socket_fd(dbapi_connection)
+            if fd is not None:
+                probe.shut_down(fd)
+            proxy.invalidate(LeakError(message))
+            _private.leave_error_for_holder(proxy, message)
+        except Exception as e:
+            logger.warning(
+                "bind %s: could not close the leaked connection: %s", self.name, e
+            )
 
     def _report_held(self) -> None:
         """Report connections held outside any app context past the threshold."""
@@ -414,47 +498,34 @@ class BindGuard:
                     self.name,
                     _where(checkout),
                     now - checkout.at,
-                    _seconds(threshold),
+                    seconds_text(threshold),
                 )
 
 
-def _keep_mariadb_4031(dialect: t.Any) -> None:
+def _keep_mariadb_4031(context: sa.engine.ExceptionContext) -> None:
     """Stop SQLAlchemy taking MariaDB's 4031 for MySQL 8's idle disconnect.
 
     On MariaDB 4031 is a trigger error on a live connection; treated as a
-    disconnect it would invalidate the whole pool. An instance attribute on this
-    engine's own dialect, consulted only when a statement fails (the
-    ``handle_error`` event would cost every statement).
+    disconnect it would invalidate the whole pool. A ``handle_error`` listener
+    costs every statement about 0.3 µs (``python -m bench --scenarios
+    statements``), and runs only when one fails.
     """
-    is_disconnect = dialect.is_disconnect
-    if getattr(is_disconnect, "staleguard", False):
-        return
-
-    def is_disconnect_on_this_server(
-        error: BaseException, connection: t.Any, cursor: t.Any
-    ) -> bool:
-        if dialect.is_mariadb and error_code(error) in MYSQL_ONLY_GONE:
-            return False
-        return bool(is_disconnect(error, connection, cursor))
-
-    is_disconnect_on_this_server.staleguard = True  # type: ignore[attr-defined]
-    dialect.is_disconnect = is_disconnect_on_this_server
+    if (
+        context.is_disconnect
+        and getattr(context.dialect, "is_mariadb", False)
+        and error_code(context.original_exception) in MYSQL_ONLY_GONE
+    ):
+        context.is_disconnect = False
 
 
 def _where(checkout: Checkout) -> str:
     """``at file:line in function ...``, or the request that took the connection."""
     if checkout.site or checkout.request is None:
         return f"at {format_site(checkout.site)}"
-    request = checkout.request.request
+    request = checkout.request
     return f"during {request.method} {request.path} (endpoint {request.endpoint!r})"
 
 
 def _finite(budget: float) -> float | None:
     """The budget for derivation: ``None`` when there is no idle limit at all."""
     return None if math.isinf(budget) else budget
-
-
-def _seconds(value: float | None) -> str:
-    if value is None or math.isinf(value):
-        return "none"
-    return f"{value:g} s"

@@ -10,12 +10,22 @@ from __future__ import annotations
 import typing as t
 
 import sqlalchemy as sa
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
 
 from .settings import BindKey
 
 URI = "SQLALCHEMY_DATABASE_URI"
 ENGINE_OPTIONS = "SQLALCHEMY_ENGINE_OPTIONS"
 BINDS = "SQLALCHEMY_BINDS"
+
+
+def flask_sqlalchemy(app: Flask) -> t.Any:
+    """The app's Flask-SQLAlchemy extension; ``None`` if the app has none, or
+    another extension (Flask-SQLAlchemy-Lite) under its key.
+    """
+    db = app.extensions.get("sqlalchemy")
+    return db if isinstance(db, SQLAlchemy) else None
 
 
 def engine_configs(config: t.Mapping[str, t.Any]) -> dict[BindKey, dict[str, t.Any]]:

@@ -18,6 +18,7 @@ from .inspect import pool_report
 from .inspect import Report
 from .inspect import SCHEMA
 from .tables import format_table
+from .units import seconds_text
 
 #: ``pool_recycle`` does not come before the server's idle timeout, and nothing
 #: checks a connection at checkout: the seed of "MySQL server has gone away".
@@ -177,7 +178,7 @@ def _timer_problems(report: Report) -> t.Iterator[Problem]:
             bind,
             f"STALEGUARD_SERVER_TIMEOUT is {declared:g} s{why}, but the server closes"
             f" this app's idle connections after {name}={timeout:g} s, so the idle"
-            f" budget ({report['idle_budget']:g} s) outlives them",
+            f" budget ({seconds_text(report['idle_budget'])}) outlives them",
             f"Remove STALEGUARD_SERVER_TIMEOUT so staleguard asks the server, or set"
             f" it to {timeout:g}.",
         )

@@ -12,12 +12,10 @@ from flask.cli import AppGroup
 from .check import check
 from .check import format_check
 from .inspect import pool_snapshot
-from .inspect import SCHEMA
 from .inspect import UnknownBind
 from .probe_idle import click_progress
 from .probe_idle import format_probe
 from .probe_idle import probe_idle
-from .probe_idle import Unreachable
 from .tables import format_pool
 
 cli = AppGroup(
@@ -137,7 +135,7 @@ def probe_idle_command(
             param_hint="'--start'",
         )
     try:
-        results = probe_idle(
+        result = probe_idle(
             current_app,
             bind,
             start=start,
@@ -147,10 +145,10 @@ def probe_idle_command(
         )
     except UnknownBind as e:
         raise _unknown_bind(e) from None
-    except Unreachable as e:
-        click.echo(f"Error: {e}", err=True)
-        raise click.exceptions.Exit(2) from None
     if as_json:
-        _echo({"schema": SCHEMA, "binds": [r.as_dict() for r in results]})
-    else:
-        click.echo(format_probe(results))
+        _echo(result.as_dict())
+    elif result.timers:
+        click.echo(format_probe(result.timers))
+    for _, reason in result.unreachable:
+        click.echo(f"Error: {reason}", err=True)
+    raise click.exceptions.Exit(result.exit_code)

@@ -8,14 +8,18 @@ import typing as t
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-#: The keyword each driver takes for its connect timeout, in whole seconds.
-CONNECT_TIMEOUT_ARGS = {
-    "pymysql": "connect_timeout",
-    "mysqldb": "connect_timeout",
-    "mariadbconnector": "connect_timeout",
-    "psycopg": "connect_timeout",
-    "psycopg2": "connect_timeout",
-    "pg8000": "timeout",
+#: The keywords each driver takes to bound its connect and its reads and writes,
+#: in whole seconds. They let a discovery that overran its time limit end;
+#: the limit itself holds for every driver (:func:`~.deadline.call_within`).
+TIMEOUT_ARGS = {
+    "pymysql": ("connect_timeout", "read_timeout", "write_timeout"),
+    "mysqldb": ("connect_timeout", "read_timeout", "write_timeout"),
+    "mariadbconnector": ("connect_timeout", "read_timeout", "write_timeout"),
+    "mysqlconnector": ("connection_timeout", "read_timeout", "write_timeout"),
+    # libpq's connect_timeout covers the whole start-up, authentication included.
+    "psycopg": ("connect_timeout",),
+    "psycopg2": ("connect_timeout",),
+    "pg8000": ("timeout",),
 }
 
 #: MySQL's and MariaDB's default ``wait_timeout``: assumed until a connection
@@ -75,13 +79,16 @@ def discover(
 
     Nothing stays open afterwards, so a server that forks after start-up
     (gunicorn ``--preload``) shares no socket with its workers. Raises whatever
-    the driver raises when the server cannot be reached.
+    the driver raises when the server cannot be reached. The drivers' own
+    timeouts are set to ``timeout``; run it under
+    :func:`~.deadline.call_within` to bound it for every driver.
     """
     kind = flavor(url)
     connect_args = dict(options.get("connect_args") or {})
-    keyword = CONNECT_TIMEOUT_ARGS.get(url.get_driver_name())
-    if keyword is not None:
-        connect_args.setdefault(keyword, max(1, math.ceil(timeout)))
+    # libpq takes less than 2 s as 2 s.
+    seconds = max(2, math.ceil(timeout))
+    for keyword in TIMEOUT_ARGS.get(url.get_driver_name(), ()):
+        connect_args.setdefault(keyword, seconds)
     engine = sa.create_engine(url, poolclass=NullPool, connect_args=connect_args)
     try:
         raw = engine.raw_connection()

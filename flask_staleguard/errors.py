@@ -37,6 +37,13 @@ class LeakError(RuntimeError):
     """
 
 
+class ConnectionReclaimed(LeakError):
+    """Raised to the holder of a connection the guard took back when the app
+    context that checked it out ended (``STALEGUARD_LEAKS`` ``"reclaim"`` or
+    ``"raise"``): the connection was closed, so nothing else can be handed it.
+    """
+
+
 def error_code(error: BaseException) -> int | None:
     """The driver's numeric error code, unwrapping PyMySQL's nested errors."""
     args = getattr(error, "args", ())

@@ -4,35 +4,42 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import typing as t
 
 import sqlalchemy as sa
+from flask import appcontext_pushed
 from flask import current_app
 from flask import Flask
+from flask import has_app_context
 from sqlalchemy.orm import scoped_session
 
+from . import _private
 from . import binds
+from . import teardown
 from .bind_guard import BindGuard
+from .deadline import call_within
+from .deadline import NoAnswer
 from .derive import merge_options
 from .discovery import discover
 from .discovery import fallback_timeout
 from .discovery import flavor
 from .plugin import NAME as PLUGIN
+from .redact import Secrets
 from .settings import bind_name
 from .settings import BindKey
 from .settings import DEFAULTS
 from .settings import load_settings
 from .settings import Settings
-from .teardown import run_after_teardowns
+from .units import seconds_text
 
 logger = logging.getLogger("flask_staleguard")
 
 #: The key of the guard's state in ``app.extensions``.
 EXTENSION_KEY = "staleguard"
 
-# Pool attributes that hold create_engine's pool_* options once the pool exists.
-# Private, but read on every checkout and carried over by Pool.recreate().
-_POOL_ATTRIBUTES = {"pool_recycle": "_recycle", "pool_pre_ping": "_pre_ping"}
+#: Config keys of Flask-SQLAlchemy-Lite, which the guard does not support yet.
+_LITE_KEYS = ("SQLALCHEMY_ENGINES", "SQLALCHEMY_ASYNC_ENGINES")
 
 
 @dataclasses.dataclass
@@ -42,6 +49,15 @@ class GuardState:
     guard: StaleGuard
     settings: Settings
     binds: dict[BindKey, BindGuard] = dataclasses.field(default_factory=dict)
+    #: Each bind's connections checked out now (the teardown's quick test).
+    held: list[dict[t.Any, t.Any]] = dataclasses.field(default_factory=list)
+    #: ``True`` while the guard waits for the app's first context to attach.
+    binds_pending: bool = False
+
+    def add(self, bind: BindGuard) -> None:
+        """Guard ``bind`` from now on."""
+        self.binds[bind.key] = bind
+        self.held.append(bind.checked_out)
 
 
 class StaleGuard:
@@ -77,11 +93,20 @@ class StaleGuard:
         state = GuardState(self, load_settings(app.config))
         db = app.extensions.get("sqlalchemy")
         if db is None:
-            _configure_binds(app, state)
-        else:
+            configs = binds.engine_configs(app.config)
+            if configs:
+                state.settings = state.settings.for_binds(configs)
+                _configure_binds(configs, app.config, state)
+            elif any(app.config.get(k) for k in _LITE_KEYS):
+                _not_guarded(app, "SQLALCHEMY_ENGINES is set: Flask-SQLAlchemy-Lite")
+            else:
+                _attach_at_first_context(app, state)
+        elif binds.flask_sqlalchemy(app) is db:
             _attach_to_engines(app, db, state)
+        else:
+            _not_guarded(app, f"{type(db).__module__}.{type(db).__name__}")
         app.extensions[EXTENSION_KEY] = state
-        run_after_teardowns(app, state)
+        teardown.install(app, state)
 
         from .cli import cli
 
@@ -92,14 +117,23 @@ class StaleGuard:
         self.sessions.append(session)
 
     def stats(self, app: Flask | None = None) -> dict[str, dict[str, t.Any]]:
-        """Per bind (``"default"`` for the default bind), the counters so far."""
-        state = get_state(app)
+        """Per bind (``"default"`` for the default bind), the counters so far.
+
+        :param app: The app; the current one inside an app context.
+        """
+        state = get_state(app, method="guard.stats")
         return {bind_name(k): b.stats.snapshot() for k, b in state.binds.items()}
 
 
-def get_state(app: Flask | None = None) -> GuardState:
+def get_state(app: Flask | None = None, *, method: str = "this") -> GuardState:
     """The guard's state for ``app`` (default: the current app)."""
-    app = app or current_app._get_current_object()  # type: ignore[attr-defined]
+    if app is None:
+        if not has_app_context():
+            raise RuntimeError(
+                f"{method}() was called outside an app context: pass the app,"
+                f" {method}(app), or call it inside 'with app.app_context()'."
+            )
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
     try:
         return t.cast(GuardState, app.extensions[EXTENSION_KEY])
     except KeyError:
@@ -109,12 +143,22 @@ def get_state(app: Flask | None = None) -> GuardState:
         ) from None
 
 
+def _not_guarded(app: Flask, what: str) -> None:
+    logger.warning(
+        "app %s: %s is not supported yet; flask-staleguard leaves its engines"
+        " alone and guards nothing (only Flask-SQLAlchemy's engines are guarded)",
+        app.name,
+        what,
+    )
+
+
 def _new_bind_guard(
     key: BindKey, url: sa.engine.URL, options: t.Mapping[str, t.Any], state: GuardState
 ) -> BindGuard:
     """A bind's guard, with the server's idle timeout discovered or declared."""
     settings = state.settings
     kind = flavor(url)
+    secrets = Secrets(url, options.get("connect_args"))
     if kind == "sqlite":
         logger.info(
             "bind %s is SQLite: there is no connection to go stale", bind_name(key)
@@ -123,80 +167,138 @@ def _new_bind_guard(
     declared = settings.server_timeout_for(key)
     timeout, provisional = declared, False
     if declared is None and settings.strategy != "off":
+        seconds = settings.discovery_timeout
         try:
-            timeout = discover(url, options, settings.discovery_timeout)
+            timeout = call_within(
+                seconds,
+                lambda: discover(url, options, seconds),
+                what=f"discovery of bind {bind_name(key)}",
+            )
         except Exception as e:
             timeout, provisional = fallback_timeout(kind), True
+            reason = secrets.one_line(e)
+            if isinstance(e, NoAnswer):
+                reason += " (STALEGUARD_DISCOVERY_TIMEOUT)"
             logger.warning(
-                "bind %s: could not reach %s to read its idle timeout (%s); assuming"
-                " %s until a connection succeeds",
+                "bind %s: could not reach %s to read its idle timeout (%s);"
+                " assuming %s until a connection succeeds",
                 bind_name(key),
-                url.render_as_string(hide_password=True),
-                getattr(e, "orig", None) or e,
-                "none" if timeout is None else f"{timeout:g} s",
+                secrets.url,
+                reason,
+                seconds_text(timeout),
             )
-    return BindGuard(key, url, settings, timeout, provisional=provisional)
+    return BindGuard(key, secrets, kind, settings, timeout, provisional=provisional)
 
 
 def _log_bind(bind: BindGuard) -> None:
     logger.info(
         "bind %s (%s): strategy %s, server idle timeout %s%s, idle budget %s,"
         " engine options %s",
-        bind_name(bind.key),
+        bind.name,
         bind.url,
         bind.strategy,
-        "none" if bind.server_timeout is None else f"{bind.server_timeout:g} s",
+        seconds_text(bind.server_timeout),
         " (assumed)" if bind.provisional else "",
-        "none" if bind.budget == float("inf") else f"{bind.budget:g} s",
+        seconds_text(bind.budget),
         bind.applied or "unchanged",
     )
 
 
-def _configure_binds(app: Flask, state: GuardState) -> None:
+def _configure_binds(
+    configs: dict[BindKey, dict[str, t.Any]],
+    config: t.MutableMapping[str, t.Any],
+    state: GuardState,
+) -> None:
     """Write each bind's derived options and the plugin into ``app.config``."""
-    for key, options in binds.engine_configs(app.config).items():
+    for key, options in configs.items():
         url = sa.engine.make_url(options["url"])
         bind = _new_bind_guard(key, url, options, state)
         _, bind.applied = merge_options(options, bind.derived)
         plugins = [*options.get("plugins", ()), PLUGIN]
         binds.add_engine_options(
-            app.config, key, {**bind.applied, "plugins": plugins, PLUGIN: bind}
+            config, key, {**bind.applied, "plugins": plugins, PLUGIN: bind}
         )
-        state.binds[key] = bind
+        state.add(bind)
         _log_bind(bind)
 
 
 def _attach_to_engines(app: Flask, db: t.Any, state: GuardState) -> None:
     """Attach to the engines Flask-SQLAlchemy created before the guard ran."""
     user = binds.engine_configs(app.config)
-    with app.app_context():
+    if has_app_context() and current_app._get_current_object() is app:  # type: ignore[attr-defined]
         engines: dict[BindKey, sa.engine.Engine] = dict(db.engines)
+    else:
+        with app.app_context():
+            engines = dict(db.engines)
+    state.settings = state.settings.for_binds(engines)
     for key, engine in engines.items():
         # Options the user gave Flask-SQLAlchemy directly count as set, too.
-        options = {**getattr(db, "_engine_options", {}), **user.get(key, {})}
+        options = {**_private.constructor_engine_options(db), **user.get(key, {})}
         bind = _new_bind_guard(key, engine.url, options, state)
         _, wanted = merge_options(options, bind.derived)
         for name, value in wanted.items():
-            attribute = _POOL_ATTRIBUTES[name]
-            if not hasattr(engine.pool, attribute):
+            if not _private.can_set_pool_option(engine.pool, name):
                 logger.warning(
                     "bind %s: could not set %s=%r on the existing %s; call"
                     " guard.init_app(app) before db.init_app(app)",
-                    bind_name(key),
+                    bind.name,
                     name,
                     value,
                     type(engine.pool).__name__,
                 )
                 continue
-            setattr(engine.pool, attribute, value)
+            _private.set_pool_option(engine.pool, name, value)
             bind.applied[name] = value
         bind.attach(engine)
         # Connections pooled before now carry none of the guard's bookkeeping.
         engine.dispose()
-        state.binds[key] = bind
+        state.add(bind)
         _log_bind(bind)
     logger.info(
         "flask-staleguard attached to the engines Flask-SQLAlchemy had created; call"
         " guard.init_app(app) before db.init_app(app) to see the derived options"
         " in SQLALCHEMY_ENGINE_OPTIONS"
     )
+
+
+def _attach_at_first_context(app: Flask, state: GuardState) -> None:
+    """No database is configured yet: attach when the app first runs.
+
+    ``SQLALCHEMY_DATABASE_URI`` may be set after ``guard.init_app(app)`` and
+    before ``db.init_app(app)``; by the app's first app context (its first
+    request or command) Flask-SQLAlchemy has made its engines.
+    """
+    lock = threading.Lock()
+
+    def attach(sender: Flask, **kwargs: t.Any) -> None:
+        with lock:
+            if not state.binds_pending:
+                return
+            db = binds.flask_sqlalchemy(app)
+            if db is not None:
+                logger.warning(
+                    "app %s: neither SQLALCHEMY_DATABASE_URI nor SQLALCHEMY_BINDS"
+                    " was set when guard.init_app(app) ran; the guard attached to"
+                    " Flask-SQLAlchemy's engines at the app's first app context."
+                    " Set them before calling guard.init_app(app)",
+                    app.name,
+                )
+                _attach_to_engines(app, db, state)
+            elif app.extensions.get("sqlalchemy") is not None:
+                sqlalchemy = app.extensions["sqlalchemy"]
+                _not_guarded(
+                    app, f"{type(sqlalchemy).__module__}.{type(sqlalchemy).__name__}"
+                )
+            else:
+                logger.warning(
+                    "app %s: no Flask-SQLAlchemy by its first app context, and"
+                    " neither SQLALCHEMY_DATABASE_URI nor SQLALCHEMY_BINDS set:"
+                    " flask-staleguard guards nothing",
+                    app.name,
+                )
+            state.binds_pending = False
+            appcontext_pushed.disconnect(attach, sender=app)
+
+    state.binds_pending = True
+    # Held strongly by the signal, and disconnected after its one run.
+    appcontext_pushed.connect(attach, sender=app, weak=False)

@@ -16,9 +16,9 @@ from flask import Flask
 from flask import has_app_context
 from sqlalchemy.pool import QueuePool
 
+from . import _private
 from .bind_guard import BindGuard
 from .extension import get_state
-from .redact import one_line as one_line
 from .server_facts import read_server
 from .settings import BindKey
 
@@ -133,7 +133,7 @@ def _pool_facts(pool: sa.pool.Pool, guard: BindGuard) -> Report:
     if isinstance(pool, QueuePool):
         facts.update(
             size=pool.size(),
-            max_overflow=int(getattr(pool, "_max_overflow", 0)),
+            max_overflow=_private.max_overflow(pool),
             pool_timeout=float(pool.timeout()),
             checked_in=pool.checkedin(),
             checked_out=pool.checkedout(),
@@ -154,7 +154,7 @@ def _guard_facts(guard: BindGuard, pool: sa.pool.Pool) -> Report:
         source = None  # the "off" strategy does not ask the server
     else:
         source = "server"
-    recycle = getattr(pool, "_recycle", -1)
+    recycle = _private.pool_option(pool, "pool_recycle")
     return {
         "strategy": guard.strategy,
         "server_timeout": _number(guard.server_timeout),
@@ -162,7 +162,7 @@ def _guard_facts(guard: BindGuard, pool: sa.pool.Pool) -> Report:
         "idle_timeout": _number(guard.idle_timeout),
         "idle_budget": _number(guard.budget),
         "pool_recycle": recycle if isinstance(recycle, int) else float(recycle),
-        "pre_ping": bool(getattr(pool, "_pre_ping", False)),
+        "pre_ping": bool(_private.pool_option(pool, "pool_pre_ping")),
         "applied": dict(guard.applied),
         "liveness_probe": None,
         "server": None,

@@ -3,15 +3,23 @@
 An idle pooled connection has nothing to read: a MySQL server never speaks first.
 When its socket polls readable or hung up, the other side has closed it (FIN),
 reset it (RST), or sent a last error packet (MySQL 8's 4031) before closing. A
-peek (``MSG_PEEK``, nothing consumed) tells which. Bytes that cannot be classified
-(TLS records, a PostgreSQL ``NOTIFY``) are left to a real ping.
+peek (``MSG_PEEK``, nothing consumed) tells which.
+
+The probe uses the operating system's own ``poll`` and socket, never the green
+ones gevent or eventlet put in their place: a zero timeout never blocks, and the
+originals survive monkey-patching in either order.
 """
 
 from __future__ import annotations
 
-import functools
+import _socket
+import contextlib
+import importlib
+import os
 import select
 import socket
+import ssl
+import sys
 import typing as t
 
 #: The connection is gone: the peer closed it in an orderly way (FIN).
@@ -20,14 +28,37 @@ EOF = "probe_eof"
 RESET = "probe_reset"
 #: The server wrote an error packet to an idle connection, then closed it.
 SERVER_ERROR = "probe_server_error"
+#: Bytes wait on an idle plain-TCP MySQL connection: the rest of a reply that an
+#: interrupted statement never read. The connection is out of step with its server.
+UNREAD = "probe_unread"
 #: Something is readable that a peek cannot classify; a real ping must decide.
 UNKNOWN = "probe_unknown"
 
 _PEEK_BYTES = 64
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
-_HAS_POLL = hasattr(select, "poll")
-if _HAS_POLL:
-    _EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
+
+
+def unpatched(module: str, name: str) -> t.Any:
+    """``module.name`` as the standard library made it, before gevent or eventlet
+    replaced or deleted it (``None`` if the platform has none).
+
+    Called at import: if a patcher already ran, it is asked for the original;
+    if it runs later, the object captured here is the original.
+    """
+    gevent_monkey = sys.modules.get("gevent.monkey")
+    if gevent_monkey is not None and gevent_monkey.is_module_patched(module):
+        return gevent_monkey.get_original(module, name)
+    eventlet_patcher = sys.modules.get("eventlet.patcher")
+    if eventlet_patcher is not None and eventlet_patcher.is_monkey_patched(module):
+        return getattr(eventlet_patcher.original(module), name, None)
+    return getattr(importlib.import_module(module), name, None)
+
+
+_poll = unpatched("select", "poll")
+_select = unpatched("select", "select")
+_EVENTS = 0
+for _event in ("POLLIN", "POLLPRI", "POLLERR", "POLLHUP"):
+    _EVENTS |= getattr(select, _event, 0)
 
 
 def socket_fd(dbapi_connection: t.Any) -> int | None:
@@ -36,8 +67,10 @@ def socket_fd(dbapi_connection: t.Any) -> int | None:
     PyMySQL keeps it in ``_sock`` (there is no public accessor); mysqlclient,
     psycopg and psycopg2 have ``fileno()``.
     """
+    from ._private import pymysql_socket
+
     try:
-        sock = getattr(dbapi_connection, "_sock", None)
+        sock = pymysql_socket(dbapi_connection)
         if sock is not None:
             return int(sock.fileno())
         fileno = getattr(dbapi_connection, "fileno", None)
@@ -46,6 +79,20 @@ def socket_fd(dbapi_connection: t.Any) -> int | None:
     except Exception:  # a closed or broken connection has no usable socket
         return None
     return None
+
+
+def uses_tls(dbapi_connection: t.Any) -> bool | None:
+    """Whether the connection runs over TLS; ``None`` when the driver does not say.
+
+    Over TLS an idle connection may have bytes waiting that are no reply at all
+    (TLS 1.3 session tickets, alerts).
+    """
+    from ._private import pymysql_socket
+
+    sock = pymysql_socket(dbapi_connection)
+    if sock is None:
+        return None
+    return isinstance(sock, ssl.SSLSocket)
 
 
 class SocketProbe:
@@ -58,12 +105,16 @@ class SocketProbe:
         #: ``poll(0)`` is truthy when the socket has anything to report. A bound
         #: method of a ``select.poll`` object, so the checkout path calls C directly.
         self.poll: t.Callable[[int], object]
-        if _HAS_POLL:
-            poller = select.poll()
+        if _poll is not None:
+            poller = _poll()
             poller.register(fd, _EVENTS)
             self.poll = poller.poll
         else:  # Windows: select works on sockets, poll does not exist.
-            self.poll = functools.partial(_select, fd)
+            self.poll = self._select
+
+    def _select(self, timeout: float) -> bool:
+        readable, _, broken = _select([self.fd], [], [self.fd], timeout)
+        return bool(readable or broken)
 
     def peek(self) -> tuple[str, bytes]:
         """Classify what the socket reported (after :attr:`poll` said something)."""
@@ -74,31 +125,54 @@ class SocketProbe:
         return self.peek() if self.poll(0) else None
 
 
-def _select(fd: int, timeout: float) -> bool:
-    readable, _, broken = select.select([fd], [], [fd], timeout)
-    return bool(readable or broken)
+@contextlib.contextmanager
+def _borrowed(fd: int) -> t.Iterator[_socket.socket]:
+    """A socket object around the driver's descriptor, handed back unchanged.
+
+    The C-level class, never a green one; and the descriptor's blocking mode is
+    restored, since a default socket timeout would make the new object switch
+    it (for the driver too: the mode belongs to the descriptor).
+    """
+    blocking = os.get_blocking(fd)
+    sock = _socket.socket(fileno=fd)
+    try:
+        yield sock
+    finally:
+        sock.detach()
+        if os.get_blocking(fd) != blocking:
+            os.set_blocking(fd, blocking)
 
 
 def peek(fd: int) -> tuple[str, bytes]:
     """Classify what is waiting on a readable socket without consuming it."""
     if not _DONTWAIT:
         return UNKNOWN, b""
-    # A socket object borrowed around the driver's descriptor; detach() below
-    # hands it back so the driver's socket stays open.
-    sock = socket.socket(fileno=fd)
     try:
-        data = sock.recv(_PEEK_BYTES, socket.MSG_PEEK | _DONTWAIT)
+        with _borrowed(fd) as sock:
+            data = sock.recv(_PEEK_BYTES, socket.MSG_PEEK | _DONTWAIT)
     except BlockingIOError:
         return UNKNOWN, b""
-    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+    except OSError:  # ECONNRESET, EPIPE, ETIMEDOUT...: the connection is broken
         return RESET, b""
-    except OSError:
-        return RESET, b""
-    finally:
-        sock.detach()
     if not data:
         return EOF, b""
     return UNKNOWN, data
+
+
+def mysql_verdict(data: bytes, tls: bool | None) -> tuple[str, str]:
+    """What bytes waiting on an idle MySQL connection mean, with a detail.
+
+    An error packet is the server's last word before it closed (4031). Any other
+    bytes on plain TCP are an unread reply: a ping would read that reply as its
+    own and leave its own answer for the next statement. Over TLS the bytes may be
+    TLS records that are no reply; only a ping can tell.
+    """
+    code = mysql_error_code(data)
+    if code is not None:
+        return SERVER_ERROR, f"error {code}"
+    if tls or (tls is None and looks_like_tls(data)):
+        return UNKNOWN, "TLS records"
+    return UNREAD, f"{len(data)}{'+' if len(data) == _PEEK_BYTES else ''} bytes"
 
 
 def mysql_error_code(data: bytes) -> int | None:
@@ -111,3 +185,18 @@ def mysql_error_code(data: bytes) -> int | None:
         if 3 <= length <= 0xFFFFFF:
             return int.from_bytes(data[5:7], "little")
     return None
+
+
+def looks_like_tls(data: bytes) -> bool:
+    """Whether ``data`` starts with a TLS record header (type 20-24, version 3.x)."""
+    return len(data) >= 5 and 20 <= data[0] <= 24 and data[1] == 3 and data[2] <= 4
+
+
+def shut_down(fd: int) -> None:
+    """Shut a socket down in both directions, so whoever blocks on it wakes up.
+
+    Nothing is written (a close would send the driver's goodbye, which could
+    interleave with another thread's bytes); the driver closes it afterwards.
+    """
+    with contextlib.suppress(OSError), _borrowed(fd) as sock:
+        sock.shutdown(socket.SHUT_RDWR)

@@ -26,13 +26,16 @@ import sqlalchemy as sa
 from flask import current_app
 from flask import Flask
 
+from . import _private
 from . import probe
 from .bind_guard import BindGuard
+from .deadline import call_within
+from .deadline import NoAnswer
 from .discovery import session_idle_timeout
 from .inspect import engine_for
+from .inspect import SCHEMA
 from .inspect import select_binds
-from .redact import one_line
-from .tables import seconds_text
+from .units import seconds_text
 
 #: Connections idled at once in each narrowing round: more cut a range finer per
 #: round (a round lasts as long as its longest interval).
@@ -54,6 +57,28 @@ Progress = t.Callable[[str, float], t.ContextManager[t.Callable[[float], None]]]
 
 class Unreachable(RuntimeError):
     """The probe could not open a connection to the bind's database."""
+
+
+@dataclasses.dataclass
+class ProbeResult:
+    """The timers measured, and the binds whose database could not be reached."""
+
+    timers: list[IdleTimer]
+    #: ``(bind, one-line reason)`` per bind whose database could not be reached.
+    unreachable: list[tuple[str, str]]
+
+    @property
+    def exit_code(self) -> int:
+        """2 when a database cannot be reached, else 0."""
+        return 2 if self.unreachable else 0
+
+    def as_dict(self) -> dict[str, t.Any]:
+        """The JSON document ``probe-idle --json`` prints."""
+        return {
+            "schema": SCHEMA,
+            "binds": [r.as_dict() for r in self.timers],
+            "unreachable": [{"bind": b, "message": m} for b, m in self.unreachable],
+        }
 
 
 @dataclasses.dataclass
@@ -122,14 +147,16 @@ def probe_idle(
     resolution: float | None = None,
     progress: Progress = no_progress,
     answer_timeout: float = ANSWER_TIMEOUT,
-) -> list[IdleTimer]:
+) -> ProbeResult:
     """Measure each bind's path idle timer, up to ``maximum`` seconds.
 
     ``resolution`` is how close the bounds must come (default: 5 % of the timer,
-    at least 0.25 s). Raises :class:`Unreachable` when a database cannot be reached.
+    at least 0.25 s). A database that cannot be reached, or does not answer
+    within ``STALEGUARD_DISCOVERY_TIMEOUT``, is listed as unreachable.
     """
     app = app or current_app._get_current_object()  # type: ignore[attr-defined]
     results = []
+    unreachable = []
     for guard in select_binds(app, bind):
         if guard.kind == "sqlite":
             results.append(
@@ -148,20 +175,24 @@ def probe_idle(
             )
             continue
         connect = _connector(guard, engine_for(app, guard.key))
-        first = connect()
         try:
-            server_timeout = session_idle_timeout(first, guard.kind)
-        finally:
-            _close(first)
-        alive, closed, how = measure(
-            functools.partial(_prepared, connect, guard.kind, maximum),
-            start=start,
-            maximum=maximum,
-            resolution=resolution,
-            progress=progress,
-            label=guard.name,
-            answer_timeout=answer_timeout,
-        )
+            server_timeout = connect(
+                functools.partial(_session_timeout, guard.kind), close=True
+            )
+            alive, closed, how = measure(
+                functools.partial(
+                    connect, functools.partial(_prepare, guard.kind, maximum)
+                ),
+                start=start,
+                maximum=maximum,
+                resolution=resolution,
+                progress=progress,
+                label=guard.name,
+                answer_timeout=answer_timeout,
+            )
+        except Unreachable as e:
+            unreachable.append((guard.name, str(e)))
+            continue
         results.append(
             IdleTimer(
                 guard.name,
@@ -175,24 +206,57 @@ def probe_idle(
                 _recommend(alive, closed, server_timeout),
             )
         )
-    return results
+    return ProbeResult(results, unreachable)
 
 
-def _connector(guard: BindGuard, engine: sa.engine.Engine) -> t.Callable[[], t.Any]:
-    """Opens DBAPI connections as the app's pool does, but outside it.
+T = t.TypeVar("T")
+
+
+class _Connect(t.Protocol):
+    def __call__(
+        self, prepare: t.Callable[[t.Any], T], *, close: bool = False
+    ) -> T: ...
+
+
+def _connector(guard: BindGuard, engine: sa.engine.Engine) -> _Connect:
+    """Opens DBAPI connections as the app's pool does, but outside it, and runs
+    ``prepare`` on each, all within the bind's time limit.
 
     The pool's creator brings the app's connect_args and do_connect hooks; going
-    around the pool leaves the app's connections and counters alone.
+    around the pool leaves the app's connections and counters alone. ``prepare``
+    returns what the caller gets (with ``close``, the connection is closed after).
     """
-    pool = t.cast(t.Any, engine.pool)
 
-    def connect() -> t.Any:
+    def open_and_prepare(prepare: t.Callable[[t.Any], T], close: bool) -> T:
+        connection = _private.raw_dbapi_connection(engine.pool)
         try:
-            return pool._invoke_creator(None)
-        except Exception as e:
-            reason = one_line(e, engine.url)
+            result = prepare(connection)
+        except BaseException:
+            _close(connection)
+            raise
+        if close:
+            _close(connection)
+        return result
+
+    def connect(prepare: t.Callable[[t.Any], T], *, close: bool = False) -> T:
+        try:
+            # What arrives too late is closed: a connection, or nothing to close.
+            result: T = call_within(
+                guard.timeout,
+                lambda: open_and_prepare(prepare, close),
+                what=f"probe-idle of bind {guard.name}",
+                discard=_close,
+            )
+            return result
+        except NoAnswer:
             raise Unreachable(
-                f"cannot reach bind {guard.name} ({guard.url}): {reason}"
+                f"no answer from bind {guard.name} ({guard.url}) within"
+                f" {guard.timeout:g} s (STALEGUARD_DISCOVERY_TIMEOUT)"
+            ) from None
+        except Exception as e:
+            raise Unreachable(
+                f"cannot reach bind {guard.name} ({guard.url}):"
+                f" {guard.secrets.one_line(e)}"
             ) from None
 
     return connect
@@ -288,28 +352,27 @@ def _round(
             _close(idle.connection)
 
 
-def _prepared(connect: t.Callable[[], t.Any], kind: str, maximum: float) -> t.Any:
-    """A new connection the server will not time out, so only the path can."""
-    connection = connect()
+def _session_timeout(kind: str, connection: t.Any) -> float | None:
+    return session_idle_timeout(connection, kind)
+
+
+def _prepare(kind: str, maximum: float, connection: t.Any) -> t.Any:
+    """Make ``connection`` one the server will not time out, so only the path can."""
+    cursor = connection.cursor()
     try:
-        cursor = connection.cursor()
-        try:
-            if kind == "mysql":
-                seconds = math.ceil(maximum) + 3600
-                cursor.execute(f"SET SESSION wait_timeout = {seconds}")
-            elif kind == "postgresql":
-                try:
-                    cursor.execute("SET idle_session_timeout = 0")
-                except Exception:
-                    connection.rollback()  # PostgreSQL 13 and older have no such timer
-        finally:
-            cursor.close()
-        # Commit: PostgreSQL undoes a SET in a rolled-back transaction, and an open
-        # transaction would fall under idle_in_transaction_session_timeout.
-        connection.commit()
-    except BaseException:
-        _close(connection)
-        raise
+        if kind == "mysql":
+            seconds = math.ceil(maximum) + 3600
+            cursor.execute(f"SET SESSION wait_timeout = {seconds}")
+        elif kind == "postgresql":
+            try:
+                cursor.execute("SET idle_session_timeout = 0")
+            except Exception:
+                connection.rollback()  # PostgreSQL 13 and older have no such timer
+    finally:
+        cursor.close()
+    # Commit: PostgreSQL undoes a SET in a rolled-back transaction, and an open
+    # transaction would fall under idle_in_transaction_session_timeout.
+    connection.commit()
     return connection
 
 
@@ -379,7 +442,7 @@ def _recommend(
 
 
 def format_probe(results: t.Sequence[IdleTimer]) -> str:
-    """The ``probe-idle`` command's human output."""
+    """The ``probe-idle`` command's human output for the binds it measured."""
     blocks = []
     for r in results:
         rows: list[tuple[str, str]] = []

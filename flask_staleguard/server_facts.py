@@ -11,12 +11,14 @@ import re
 import typing as t
 
 import sqlalchemy as sa
-from sqlalchemy.pool.base import _ConnectionRecord
 
 from . import probe
+from ._private import side_connection
 from .bind_guard import BindGuard
+from .deadline import call_within
+from .deadline import NoAnswer
 from .errors import error_code
-from .redact import one_line
+from .units import seconds_text
 
 Report = dict[str, t.Any]
 
@@ -29,20 +31,49 @@ _DENIED_SQLSTATE = "42501"
 def read_server(
     report: Report, guard: BindGuard, engine: sa.engine.Engine, process_list: bool
 ) -> None:
-    """Fill ``server``, ``connections``, ``liveness_probe`` and ``notes``."""
-    notes: list[str] = report["notes"]
+    """Fill ``server``, ``connections``, ``liveness_probe`` and ``notes``, or
+    ``error``, within the bind's time limit (``STALEGUARD_DISCOVERY_TIMEOUT``).
+    """
+    try:
+        found = call_within(
+            guard.timeout,
+            lambda: _read(guard, engine, process_list),
+            what=f"server facts of bind {guard.name}",
+        )
+    except NoAnswer:
+        report["error"] = (
+            f"no answer from {guard.url} within {guard.timeout:g} s"
+            " (STALEGUARD_DISCOVERY_TIMEOUT)"
+        )
+        return
+    except Exception as e:  # whatever the driver raises: report it, never crash
+        report["error"] = f"cannot connect to {guard.url}: {guard.secrets.one_line(e)}"
+        return
+    notes = found.pop("notes")
+    report.update(found)
+    report["notes"] += notes
+    past = sum(row["past_budget"] for row in report["connections"])
+    if past:
+        report["notes"].append(
+            f"{past} connection(s) idle past the idle budget"
+            f" ({seconds_text(report['idle_budget'])})"
+        )
+
+
+def _read(guard: BindGuard, engine: sa.engine.Engine, process_list: bool) -> Report:
+    """What the server says, over a connection of its own; raises if it cannot
+    connect, and reports any later failure as ``error``.
+    """
     # A connection of our own beside the pool, not one from it: borrowing an idle
     # pooled connection would hide it from the list of the app's connections, and
     # a full pool would keep us waiting. The pool's connect listeners still run,
     # so the session looks like the app's (a SET in a "connect" hook shows).
-    try:
-        record = _ConnectionRecord(engine.pool)
-    except Exception as e:  # whatever the driver raises: report it, never crash
-        report["error"] = f"cannot connect to {guard.url}: {one_line(e, engine.url)}"
-        return
+    record = side_connection(engine.pool)
     dbapi_connection = record.dbapi_connection
+    notes: list[str] = []
+    found: Report = {"notes": notes}
     try:
-        report["liveness_probe"] = probe.socket_fd(dbapi_connection) is not None
+        found["liveness_probe"] = probe.socket_fd(dbapi_connection) is not None
         if guard.kind == "mysql":
             mariadb = bool(getattr(engine.dialect, "is_mariadb", False))
             server, connections = _mysql(dbapi_connection, notes, mariadb, process_list)
@@ -50,23 +81,19 @@ def read_server(
             server, connections = _postgresql(dbapi_connection, notes, process_list)
         else:
             notes.append(f"no server timers are known for {engine.dialect.name}")
-            return
+            return found
         for row in connections:
             idle = row["idle"]
             row["past_budget"] = idle is not None and idle > guard.budget
-        report["server"] = server
-        report["connections"] = connections
-        past = sum(row["past_budget"] for row in connections)
-        if past:
-            notes.append(
-                f"{past} connection(s) idle past the idle budget"
-                f" ({report['idle_budget']:g} s)"
-            )
+        found["server"] = server
+        found["connections"] = connections
     except Exception as e:
-        reason = one_line(e, engine.url)
-        report["error"] = f"cannot read the server's settings: {reason}"
+        found["error"] = (
+            f"cannot read the server's settings: {guard.secrets.one_line(e)}"
+        )
     finally:
         record.close()
+    return found
 
 
 def _rows(dbapi_connection: t.Any, sql: str) -> list[tuple[t.Any, ...]]:

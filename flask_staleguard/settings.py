@@ -27,10 +27,11 @@ SERVER_TIMEOUT = "STALEGUARD_SERVER_TIMEOUT"
 #: Seconds taken off the idle timeout so a connection is replaced before the other
 #: side closes it. ``None``: 10 % of the timeout, at most 30 s.
 MARGIN = "STALEGUARD_MARGIN"
-#: Seconds to wait for the database when discovering its timeout at start-up.
+#: Seconds any exchange of the guard's own with the database may take: discovery
+#: at start-up and on each new connection, the probe's ping, the CLI's connections.
 DISCOVERY_TIMEOUT = "STALEGUARD_DISCOVERY_TIMEOUT"
 #: What to do with a connection still checked out when the app context that took
-#: it ends: ``"warn"``, ``"reclaim"`` (warn, roll back, return it to the pool) or
+#: it ends: ``"warn"``, ``"reclaim"`` (warn, close it, free its pool slot) or
 #: ``"raise"`` (reclaim, then raise :class:`~flask_staleguard.LeakError`).
 LEAKS = "STALEGUARD_LEAKS"
 #: Seconds a connection may stay checked out outside any app context (a thread, a
@@ -55,10 +56,17 @@ DEFAULTS: dict[str, t.Any] = {
 BindKey = t.Optional[str]
 PerBind = t.Union[float, None, t.Mapping[BindKey, t.Optional[float]]]
 
+#: How the default bind is named in logs, output, ``--bind`` and per-bind dicts
+#: (where ``None``, Flask-SQLAlchemy's own key for it, works too).
+DEFAULT_BIND = "default"
+#: The longest span any key accepts: a year, in seconds (what PyMySQL allows for
+#: its connect timeout). Longer is a mistake, and would break the drivers.
+MAX_SECONDS = 365 * 24 * 3600
+
 
 def bind_name(key: BindKey) -> str:
     """How a bind key reads in logs and output: ``"default"`` for ``None``."""
-    return "default" if key is None else key
+    return DEFAULT_BIND if key is None else key
 
 
 class ConfigError(ValueError):
@@ -85,11 +93,55 @@ class Settings:
         """The declared server idle timeout for ``bind``, if any."""
         return _for_bind(self.server_timeout, bind)
 
+    def for_binds(self, binds: t.Iterable[BindKey]) -> Settings:
+        """These settings with per-bind dicts keyed by the app's real bind keys.
+
+        Raises :class:`ConfigError` for a key that names no bind of the app.
+        """
+        known = list(binds)
+        return dataclasses.replace(
+            self,
+            idle_timeout=_keyed(IDLE_TIMEOUT, self.idle_timeout, known),
+            server_timeout=_keyed(SERVER_TIMEOUT, self.server_timeout, known),
+        )
+
 
 def _for_bind(value: PerBind, bind: BindKey) -> float | None:
     if isinstance(value, t.Mapping):
         return value.get(bind)
     return value
+
+
+def _keyed(key: str, value: PerBind, known: list[BindKey]) -> PerBind:
+    """``value`` with ``"default"`` read as the default bind, and every key checked
+    against the app's binds.
+    """
+    if not isinstance(value, t.Mapping):
+        return value
+    ordered = sorted(known, key=lambda b: (b is not None, b or ""))
+    names = ", ".join(repr(bind_name(b)) for b in ordered) or "none"
+    keyed: dict[BindKey, float | None] = {}
+    for bind, seconds in value.items():
+        actual: BindKey = bind
+        if bind == DEFAULT_BIND and bind not in known:
+            actual = None
+        elif bind == DEFAULT_BIND and None in known:
+            raise ConfigError(
+                f"{key} has the key 'default', which names both the default bind"
+                " and the bind 'default' of SQLALCHEMY_BINDS; use None for the"
+                " default bind."
+            )
+        if actual not in known:
+            raise ConfigError(
+                f"{key} has the key {bind!r}, which is not a bind of this app; its"
+                f" binds are: {names} ('default' or None for the default bind)."
+            )
+        if actual in keyed:
+            raise ConfigError(
+                f"{key} gives the default bind twice, as 'default' and as None."
+            )
+        keyed[actual] = seconds
+    return keyed
 
 
 def load_settings(config: t.Mapping[str, t.Any]) -> Settings:
@@ -133,14 +185,22 @@ def _seconds(
         return None
     # bool is an int subclass, and True seconds is certainly a mistake.
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
+        # An int beyond a float's range (10**400) cannot be seconds either.
+        number = float(value) if abs(value) <= MAX_SECONDS else math.inf
         if math.isfinite(number) and (number > 0 or (zero and number == 0)):
             return number
     lower = "0 or more" if zero else "more than 0"
-    also = " or None" if optional else ""
+    also = ", or None" if optional else ""
     raise ConfigError(
-        f"{key} is {value!r}; expected a number of seconds {lower}{also}."
+        f"{key} is {_shown(value)}; expected a number of seconds {lower} and at"
+        f" most {MAX_SECONDS} (a year){also}."
     )
+
+
+def _shown(value: object) -> str:
+    """``repr(value)``, cut short: ``10**400`` has 401 digits."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]}"
 
 
 def _per_bind(key: str, value: object) -> PerBind:

@@ -13,8 +13,10 @@ class BindStats:
 
     #: Connections handed out by the pool.
     checkouts: int = 0
-    #: Connections replaced at checkout, by reason (``idle_budget``, ``probe_eof``,
-    #: ``probe_reset``, ``probe_server_error``, ``probe_ping_failed``, ``fork``).
+    #: Connections replaced at checkout, by reason: ``idle_budget``, ``probe_eof``
+    #: (FIN), ``probe_reset`` (RST), ``probe_server_error`` (an error packet, as
+    #: MySQL 8's 4031), ``probe_unread`` (a reply nobody read), ``probe_ping_failed``,
+    #: ``probe_ping_timeout``, ``fork``.
     replaced: dict[str, int] = dataclasses.field(default_factory=dict)
     #: Disconnect errors raised by statements, by code (``2006``, ``2013``, ...).
     disconnects: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -30,6 +32,11 @@ class BindStats:
         """Add one to ``table[key]``; the rare paths take a lock, checkouts do not."""
         with self._lock:
             table[key] = table.get(key, 0) + 1
+
+    def add(self, counter: t.Literal["leaks_detected", "leaks_reclaimed"]) -> None:
+        """Add one to a counter of the rare paths, under the lock."""
+        with self._lock:
+            setattr(self, counter, getattr(self, counter) + 1)
 
     def snapshot(self) -> dict[str, t.Any]:
         """A JSON-ready copy."""

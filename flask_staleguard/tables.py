@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import typing as t
+
+from .units import seconds_text
 
 Report = dict[str, t.Any]
 
@@ -19,13 +20,6 @@ def format_table(headers: t.Sequence[str], rows: t.Iterable[t.Sequence[t.Any]]) 
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
         for line in lines
     )
-
-
-def seconds_text(value: float | None) -> str:
-    """``"28800 s"``, ``"1.8 s"``, or ``"none"`` for no timer."""
-    if value is None or math.isinf(value):
-        return "none"
-    return f"{value:.3g} s" if value < 10 else f"{value:.0f} s"
 
 
 def format_pool(reports: t.Sequence[Report]) -> str:

@@ -1,20 +1,30 @@
 """End-of-context clean-up: leaked scoped sessions and leaked connections.
 
-It runs after *all* teardown functions, even when one of them raised: Flask 3.1
-and older stop at the first teardown that raises, which skips Flask-SQLAlchemy's
-``session.remove()`` and leaves a session holding a connection.
+It runs after *all* teardown functions. Flask 3.2 runs them all anyway, and the
+clean-up is the last of them; Flask 3.1 and older stop at the first teardown that
+raises, which skips Flask-SQLAlchemy's ``session.remove()`` and leaves a session
+holding a connection, so there the app's ``do_teardown_appcontext`` is wrapped.
+
+A streamed response runs after its app context's teardown (unless
+``stream_with_context`` keeps the context), so the connections checked out in
+that context are judged when the server closes the response instead.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import types
 import typing as t
 
 from flask import Flask
-from flask.globals import _cv_app
+from flask import Response
 from sqlalchemy.orm import scoped_session
 
+from ._private import sessions_open
+from .binds import flask_sqlalchemy
+from .contexts import current_context
+from .contexts import TEARDOWNS_STOP_AT_FIRST_ERROR
 from .errors import LeakError
 
 if t.TYPE_CHECKING:
@@ -22,60 +32,113 @@ if t.TYPE_CHECKING:
 
 logger = logging.getLogger("flask_staleguard")
 
+#: The attribute of ``g`` that marks a context whose response is still streaming.
+STREAMING = "_staleguard_streaming"
 
-def run_after_teardowns(app: Flask, state: GuardState) -> None:
-    """Make ``app`` call :func:`clean_up` once its teardown functions have run.
 
-    ``teardown_appcontext`` cannot promise that (a raising teardown skips the rest),
-    so the app's ``do_teardown_appcontext`` is wrapped, on this app only.
+def install(app: Flask, state: GuardState) -> None:
+    """Make ``app`` call :func:`clean_up` after its teardown functions, and after
+    a streamed response is closed.
     """
-    original = app.do_teardown_appcontext
+    app.after_request(functools.partial(_defer_for_streams, state))
+    if TEARDOWNS_STOP_AT_FIRST_ERROR:
+        _wrap_teardowns(app, state)
+    else:
+        # Teardown functions run in reverse order of registration: first is last.
+        app.teardown_appcontext_funcs.insert(
+            0, functools.partial(_teardown, app, state)
+        )
 
-    extensions = app.extensions
+
+def _wrap_teardowns(app: Flask, state: GuardState) -> None:
+    """Wrap ``app.do_teardown_appcontext``: a raising teardown skips the rest."""
+    original = app.do_teardown_appcontext
     sessions = state.guard.sessions
-    held = [bind.checked_out for bind in state.binds.values()]
+    held = state.held
 
     @functools.wraps(original)
     def do_teardown_appcontext(*args: t.Any, **kwargs: t.Any) -> None:
         try:
             original(*args, **kwargs)
-        finally:
-            # Inline and without a generator, as it runs after every request:
-            # usually there is nothing to do. An empty session registry (the
-            # usual case: Flask-SQLAlchemy removed the session) needs no lookup
-            # of the current scope.
-            db = extensions.get("sqlalchemy")
-            if (
-                sessions
-                or (db is not None and getattr(db.session.registry, "registry", True))
-                or any(map(bool, held))
-            ):
-                clean_up(app, state)
+        except BaseException as e:
+            try:
+                clean_up(app, state, current_context(), failure=e)
+            except LeakError:
+                pass  # the teardown's own error is the one to see; leaks were logged
+            raise
+        # Inline, as it runs after every request: usually there is nothing to do.
+        if sessions or any(map(bool, held)):
+            clean_up(app, state, current_context())
 
     app.do_teardown_appcontext = do_teardown_appcontext  # type: ignore[method-assign]
 
 
-def clean_up(app: Flask, state: GuardState) -> None:
-    """Remove this context's leftover sessions, then reclaim its leaked connections.
+def _teardown(app: Flask, state: GuardState, exc: BaseException | None) -> None:
+    # Flask-SQLAlchemy's teardown ran before this one; a session still there
+    # means its remove() failed.
+    db = flask_sqlalchemy(app)
+    if (
+        state.guard.sessions
+        or any(map(bool, state.held))
+        or (db is not None and sessions_open(db.session))
+    ):
+        clean_up(app, state, current_context())
 
-    Never raises, except :class:`LeakError` under ``STALEGUARD_LEAKS = "raise"``.
+
+def _defer_for_streams(state: GuardState, response: Response) -> Response:
+    """``after_request``: a streamed body runs after the teardown, so its
+    connections are judged when the response is closed.
     """
+    # Werkzeug closes a direct-passthrough response's file, not the response.
+    if response.is_streamed and not response.direct_passthrough:
+        ctx = current_context()
+        if ctx is not None and not getattr(ctx.g, STREAMING, False):
+            setattr(ctx.g, STREAMING, True)
+            response.call_on_close(functools.partial(_stream_closed, state, ctx))
+    return response
+
+
+def _stream_closed(state: GuardState, ctx: t.Any) -> None:
+    setattr(ctx.g, STREAMING, False)
+    reclaim_leaks(state, ctx)
+
+
+def clean_up(
+    app: Flask,
+    state: GuardState,
+    ctx: t.Any,
+    *,
+    failure: BaseException | None = None,
+) -> None:
+    """Remove this context's leftover sessions, then reclaim its leaked connections
+    (those of a still-streaming response wait for it to close).
+
+    ``failure`` is what a teardown function raised, if one did. Never raises,
+    except :class:`LeakError` under ``STALEGUARD_LEAKS = "raise"``.
+    """
+    try:
+        db = flask_sqlalchemy(app)
+        if db is not None:
+            remove_session(db.session, "db.session", left_by=_culprit(failure))
+        for session in state.guard.sessions:
+            remove_session(session, repr(session))
+    except Exception:
+        logger.exception("flask-staleguard: clean-up at teardown failed")
+    if ctx is not None and not getattr(ctx.g, STREAMING, False):
+        reclaim_leaks(state, ctx)
+
+
+def reclaim_leaks(state: GuardState, ctx: t.Any) -> None:
+    """Report, and by policy take back, the connections ``ctx`` still has out."""
     leaks = 0
     try:
-        db = app.extensions.get("sqlalchemy")
-        if db is not None:
-            remove_session(db.session, "db.session", abnormal=True)
-        for session in state.guard.sessions:
-            remove_session(session, repr(session), abnormal=False)
-        busy = [bind for bind in state.binds.values() if bind.checked_out]
-        ctx = _cv_app.get(None) if busy else None
-        if ctx is not None:
-            for bind in busy:
-                for record, checkout in bind.leaks_of(id(ctx)):
+        for bind in state.binds.values():
+            if bind.checked_out:
+                for record, checkout in bind.leaks_of(ctx):
                     bind.reclaim(record, checkout)
                     leaks += 1
     except Exception:
-        logger.exception("flask-staleguard: clean-up at teardown failed")
+        logger.exception("flask-staleguard: reclaiming leaked connections failed")
     if leaks and state.settings.leaks == "raise":
         raise LeakError(
             f"{leaks} connection(s) were still checked out when the app context"
@@ -84,25 +147,73 @@ def clean_up(app: Flask, state: GuardState) -> None:
         )
 
 
+def _culprit(failure: BaseException | None) -> str:
+    """Why Flask-SQLAlchemy's session may still be open: who raised, and what."""
+    if failure is None:
+        return (
+            "Flask-SQLAlchemy's session.remove() failed, or a teardown function"
+            " that ran after it used db.session"
+        )
+    raised = f"{type(failure).__name__}: {failure}"
+    function = _raising_teardown(failure.__traceback__)
+    if function is not None and function[0].startswith("flask_sqlalchemy"):
+        return f"Flask-SQLAlchemy's session.remove() raised {raised}"
+    name = "a teardown function" if function is None else "teardown function %s.%s"
+    if function is not None:
+        name %= function
+    return f"{name} raised {raised} before Flask-SQLAlchemy's teardown ran"
+
+
+def _raising_teardown(tb: types.TracebackType | None) -> tuple[str, str] | None:
+    """Module and name of the function called by ``do_teardown_appcontext`` in
+    which the exception was raised: the teardown function at fault.
+    """
+    while tb is not None:
+        next_tb = tb.tb_next
+        if tb.tb_frame.f_code.co_name == "do_teardown_appcontext" and next_tb:
+            frame = next_tb.tb_frame
+            if frame.f_code.co_name != "do_teardown_appcontext":
+                return str(frame.f_globals.get("__name__", "?")), frame.f_code.co_name
+        tb = next_tb
+    return None
+
+
 def remove_session(
-    session: scoped_session[t.Any], name: str, *, abnormal: bool
+    session: scoped_session[t.Any], name: str, *, left_by: str | None = None
 ) -> None:
-    """Close and discard the current context's session of ``session``, if any."""
+    """Close and discard the current context's session of ``session``, if any.
+
+    ``left_by`` says why the session is still open; ``None`` when it is expected
+    (a session the app registered with the guard for removal).
+    """
     if not session.registry.has():
         return
     current = session.registry()
     unsaved = bool(current.new or current.dirty or current.deleted)
-    session.remove()
+    try:
+        session.remove()
+    except Exception as e:
+        # Discard it anyway: a later context with the same scope key would
+        # inherit a broken session.
+        session.registry.clear()
+        logger.warning(
+            "%s could not be closed at teardown (%s: %s); it was discarded",
+            name,
+            type(e).__name__,
+            e,
+        )
+        return
     if unsaved:
         logger.warning(
             "%s was left open with unsaved changes at teardown; they were rolled back",
             name,
         )
-    elif abnormal:
+    elif left_by is not None:
         logger.warning(
-            "%s was still open after teardown (a teardown function raised before"
-            " Flask-SQLAlchemy's ran); it was closed and its connection returned",
+            "%s was still open after teardown (%s); it was closed and its"
+            " connection returned",
             name,
+            left_by,
         )
     else:
         logger.debug("%s removed at teardown", name)

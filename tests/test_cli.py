@@ -5,21 +5,19 @@ test CLI runner, and as real ``flask --app`` subprocesses against real servers.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import re
 import time
 import typing as t
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from flask import Flask
 from flask import jsonify
 from flask_sqlalchemy import SQLAlchemy
 
-import flask_staleguard
 from flask_staleguard.inspect import pool_snapshot
+from tests.clitools import invoke
+from tests.clitools import run_flask
 from tests.conftest import AppFactory
 from tests.servers import APP_PASSWORD
 from tests.servers import free_port
@@ -81,61 +79,6 @@ STATS_KEYS = {
     "leaks_detected",
     "leaks_reclaimed",
 }
-
-# The app a real `flask --app` subprocess loads: its config comes from the test,
-# and the guard's log goes to stderr, where the tests look for secrets.
-APP_MODULE = """\
-import json
-import logging
-import os
-
-from flask import Flask
-from flask_sqlalchemy import SQLAlchemy
-
-from flask_staleguard import StaleGuard
-
-handler = logging.StreamHandler()
-logging.getLogger("flask_staleguard").addHandler(handler)
-logging.getLogger("flask_staleguard").setLevel(logging.DEBUG)
-
-app = Flask(__name__)
-app.config.update(json.loads(os.environ["SG_TEST_CONFIG"]))
-StaleGuard(app)
-db = SQLAlchemy(app)
-"""
-
-
-def run_flask(
-    tmp_path: Path, config: dict[str, t.Any], *args: str
-) -> subprocess.CompletedProcess[str]:
-    """``flask --app <test app> staleguard ARGS`` in a process of its own."""
-    module = tmp_path / "sg_cli_app.py"
-    module.write_text(APP_MODULE)
-    package_root = Path(flask_staleguard.__file__).parent.parent
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(package_root), str(tmp_path)]),
-        "SG_TEST_CONFIG": json.dumps(config),
-        "NO_COLOR": "1",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "sg_cli_app", "staleguard", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-def invoke(app: Flask, *args: str) -> t.Any:
-    """``flask staleguard ARGS`` in this process, with stdout and stderr apart."""
-    try:
-        runner = app.test_cli_runner(mix_stderr=False)  # click < 8.2 mixes them
-    except TypeError:  # click 8.2+ always keeps them apart, and has no such option
-        runner = app.test_cli_runner()
-    return runner.invoke(args=["staleguard", *args])
 
 
 def connection_ids(db: SQLAlchemy, bind: str | None, sql: str, n: int) -> list[int]:
@@ -385,3 +328,13 @@ def test_snapshot_from_the_apps_own_route(
     assert entry["stats"]["checkouts"] == 1
     assert entry["server"]["wait_timeout"] == 28800.0
     assert entry["connections"] == []  # process_list=False
+
+
+def test_seconds_read_the_same_in_the_log_and_the_pool(
+    make_app: AppFactory, mariadb_url: str, guard_log: pytest.LogCaptureFixture
+) -> None:
+    app, _ = make_app(mariadb_url, STALEGUARD_SERVER_TIMEOUT=12)
+    with app.app_context():
+        result = invoke(app, "pool")
+    assert "idle budget 10.8 s" in guard_log.text
+    assert re.search(r"Idle budget +10\.8 s \(server timeout 12 s", result.stdout)

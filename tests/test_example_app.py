@@ -23,3 +23,8 @@ def test_demo_fails_without_and_passes_with_the_guard(
     out = capsys.readouterr().out
     assert "MySQL server has gone away" in out or "Lost connection" in out
     assert "failed requests: " in out and ", 0 with it" in out
+    # In order, even when piped: the guard's start-up line (logged to stdout)
+    # belongs to the guarded part.
+    bare, guarded = out.split("== with flask-staleguard")
+    assert "log: flask_staleguard" not in bare
+    assert "log: flask_staleguard INFO bind default" in guarded

@@ -14,13 +14,13 @@ from flask_staleguard.probe_idle import growing
 from flask_staleguard.probe_idle import IdleTimer
 from flask_staleguard.probe_idle import NO_ANSWER
 from flask_staleguard.probe_idle import probe_idle
+from tests.clitools import invoke
 from tests.conftest import AppFactory
 from tests.proxies import TcpProxy
 from tests.servers import APP_PASSWORD
 from tests.servers import free_port
 from tests.servers import HAProxy
 from tests.servers import MariaDBServer
-from tests.test_cli import invoke
 
 
 @pytest.fixture()
@@ -102,7 +102,7 @@ def test_a_silent_drop_is_found_by_its_missing_answer(
         app, db = make_app(proxy.url_for(mariadb.user_url))
         (found,) = probe_idle(
             app, start=0.6, maximum=1.2, resolution=0.3, answer_timeout=0.5
-        )
+        ).timers
     assert found.closed_by == NO_ANSWER
     # The proxy looks at its connections every 0.05 s, so it drops them a little late.
     assert found.closed_after is not None

@@ -52,30 +52,31 @@ def test_values_are_read() -> None:
             "STALEGUARD_IDLE_TIMEOUT",
             -5,
             "STALEGUARD_IDLE_TIMEOUT is -5; expected a number of seconds more than 0"
-            " or None.",
+            " and at most 31536000 (a year), or None.",
         ),
         (
             "STALEGUARD_IDLE_TIMEOUT",
             "300",
             "STALEGUARD_IDLE_TIMEOUT is '300'; expected a number of seconds more than"
-            " 0 or None.",
+            " 0 and at most 31536000 (a year), or None.",
         ),
         (
             "STALEGUARD_SERVER_TIMEOUT",
             {"reports": 0},
             "STALEGUARD_SERVER_TIMEOUT['reports'] is 0; expected a number of seconds"
-            " more than 0 or None.",
+            " more than 0 and at most 31536000 (a year), or None.",
         ),
         (
             "STALEGUARD_MARGIN",
             -1,
-            "STALEGUARD_MARGIN is -1; expected a number of seconds 0 or more or None.",
+            "STALEGUARD_MARGIN is -1; expected a number of seconds 0 or more and at"
+            " most 31536000 (a year), or None.",
         ),
         (
             "STALEGUARD_DISCOVERY_TIMEOUT",
             None,
             "STALEGUARD_DISCOVERY_TIMEOUT is None; expected a number of seconds more"
-            " than 0.",
+            " than 0 and at most 31536000 (a year).",
         ),
         (
             "STALEGUARD_LEAKS",
@@ -87,13 +88,13 @@ def test_values_are_read() -> None:
             "STALEGUARD_LEAK_THRESHOLD",
             True,
             "STALEGUARD_LEAK_THRESHOLD is True; expected a number of seconds more than"
-            " 0 or None.",
+            " 0 and at most 31536000 (a year), or None.",
         ),
         (
             "STALEGUARD_IDLE_TIMEOUT",
             float("nan"),
             "STALEGUARD_IDLE_TIMEOUT is nan; expected a number of seconds more than 0"
-            " or None.",
+            " and at most 31536000 (a year), or None.",
         ),
     ],
 )

@@ -14,6 +14,7 @@ from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_staleguard.bind_guard import BindGuard
+from flask_staleguard.redact import Secrets
 from flask_staleguard.settings import load_settings
 from tests.conftest import AppFactory
 from tests.conftest import connection_id
@@ -176,7 +177,9 @@ def test_connection_pooled_before_the_guard_is_guarded_after_its_checkin(
     try:
         with engine.connect() as conn:
             first = conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one()
-        bind = BindGuard(None, engine.url, load_settings({}), server_timeout=2)
+        bind = BindGuard(
+            None, Secrets(engine.url), "mysql", load_settings({}), server_timeout=2
+        )
         bind.attach(engine)
         with engine.connect() as conn:  # the guard knows nothing of it yet
             assert conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one() == first

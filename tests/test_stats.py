@@ -173,3 +173,13 @@ def test_signals_stay_quiet_for_healthy_connections(
             connection_id(db)
     assert received == [[], [], []]
     assert guard_of(app).stats.snapshot()["checkouts"] == 3
+
+
+def test_stats_outside_an_app_context_says_to_pass_the_app(
+    make_app: AppFactory, mariadb_url: str
+) -> None:
+    app, _ = make_app(mariadb_url)
+    guard = app.extensions["staleguard"].guard
+    with pytest.raises(RuntimeError, match=r"pass the app, guard\.stats\(app\)"):
+        guard.stats()
+    assert guard.stats(app)["default"]["checkouts"] == 0

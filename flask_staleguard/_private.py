@@ -1,0 +1,111 @@
+"""Every private name of SQLAlchemy, Flask-SQLAlchemy and the drivers the guard uses.
+
+Each is used only where no public API does the job, and each has a test per
+supported version (``tests/test_private.py``), so an upgrade that removes one
+fails there first, by name.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+import sqlalchemy as sa
+
+from .errors import ConnectionReclaimed
+
+#: ``create_engine``'s ``pool_*`` options and the pool attributes that hold them.
+#: Read on every checkout, and carried over by ``Pool.recreate()`` (``dispose()``).
+POOL_ATTRIBUTES = {"pool_recycle": "_recycle", "pool_pre_ping": "_pre_ping"}
+
+
+def pool_option(pool: sa.pool.Pool, option: str) -> t.Any:
+    """The value of ``create_engine`` option ``option`` on an existing pool."""
+    return getattr(pool, POOL_ATTRIBUTES[option])
+
+
+def can_set_pool_option(pool: sa.pool.Pool, option: str) -> bool:
+    """Whether :func:`set_pool_option` works on this pool class."""
+    return hasattr(pool, POOL_ATTRIBUTES[option])
+
+
+def set_pool_option(pool: sa.pool.Pool, option: str, value: t.Any) -> None:
+    """Change option ``option`` of a pool that already exists (Flask-SQLAlchemy
+    created the engine before the guard ran: there is no public way).
+    """
+    setattr(pool, POOL_ATTRIBUTES[option], value)
+
+
+def max_overflow(pool: sa.pool.Pool) -> int:
+    """A ``QueuePool``'s ``max_overflow``: it has ``size()``, but no getter for this."""
+    return int(getattr(pool, "_max_overflow", 0))
+
+
+def side_connection(pool: sa.pool.Pool) -> t.Any:
+    """A DBAPI connection made by ``pool``'s creator and ``connect`` listeners,
+    outside the pool: it takes no slot and leaves the pool's counts alone.
+
+    Returns the record; ``record.dbapi_connection`` is the connection and
+    ``record.close()`` closes it.
+    """
+    from sqlalchemy.pool.base import _ConnectionRecord
+
+    return _ConnectionRecord(pool)
+
+
+def raw_dbapi_connection(pool: sa.pool.Pool) -> t.Any:
+    """A DBAPI connection from ``pool``'s creator only: the app's connect
+    arguments, none of the pool's listeners.
+    """
+    return t.cast(t.Any, pool)._invoke_creator(None)
+
+
+def constructor_engine_options(db: t.Any) -> dict[str, t.Any]:
+    """The ``engine_options`` given to Flask-SQLAlchemy's ``SQLAlchemy()``."""
+    return dict(getattr(db, "_engine_options", None) or {})
+
+
+def sessions_open(session: t.Any) -> bool:
+    """Whether a scoped session holds a session for any scope: a quick test,
+    without calling the scope function as the public ``registry.has()`` does.
+    """
+    registry = session.registry
+    sessions = getattr(registry, "registry", None)
+    if isinstance(sessions, dict):  # a ScopedRegistry, as Flask-SQLAlchemy's is
+        return bool(sessions)
+    return bool(registry.has())
+
+
+def pymysql_socket(dbapi_connection: t.Any) -> t.Any:
+    """PyMySQL's socket (a ``socket`` or ``ssl.SSLSocket``); it has no accessor."""
+    return getattr(dbapi_connection, "_sock", None)
+
+
+class _Reclaimed:
+    """Stands in for a DBAPI connection the guard took back from its holder.
+
+    Whatever the holder tries next raises the error that says so; rolling back and
+    closing succeed, as there is nothing left to roll back or close.
+    """
+
+    def __init__(self, message: str) -> None:
+        self._message = message
+
+    def rollback(self) -> None:
+        """Nothing to roll back: closing the connection ended its transaction."""
+
+    def close(self) -> None:
+        """Already closed."""
+
+    def __getattr__(self, name: str) -> t.Any:
+        raise ConnectionReclaimed(self._message)
+
+
+def leave_error_for_holder(proxy: t.Any, message: str) -> None:
+    """After ``proxy.invalidate()``, make the holder's next use of ``proxy`` raise
+    :class:`~flask_staleguard.ConnectionReclaimed` with ``message``, rather than
+    SQLAlchemy's bare ``AssertionError`` for a proxy whose connection is ``None``.
+
+    ``dbapi_connection`` is a public attribute; that SQLAlchemy then only calls
+    ``rollback()`` and ``close()`` on it is not documented, hence here.
+    """
+    proxy.dbapi_connection = _Reclaimed(message)

@@ -1,0 +1,169 @@
+"""The private names of flask_staleguard._private, on the installed versions.
+
+About internals, on purpose: each test pins one private name of SQLAlchemy,
+Flask-SQLAlchemy or PyMySQL that the guard relies on, so that an upgrade that
+removes or changes it fails here, by name, before anything else does.
+"""
+
+from __future__ import annotations
+
+import ast
+import ssl
+from pathlib import Path
+
+import pymysql
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+
+import flask_staleguard
+from flask_staleguard import _private
+from flask_staleguard import ConnectionReclaimed
+
+PACKAGE = Path(flask_staleguard.__file__).parent
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("pool_recycle", 42), ("pool_pre_ping", True)]
+)
+def test_pool_options_can_be_read_and_set_and_survive_dispose(
+    mariadb_url: str, option: str, value: object
+) -> None:
+    engine = sa.create_engine(mariadb_url)
+    try:
+        assert _private.can_set_pool_option(engine.pool, option)
+        _private.set_pool_option(engine.pool, option, value)
+        engine.dispose()  # Pool.recreate() carries the value over
+        assert _private.pool_option(engine.pool, option) == value
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    finally:
+        engine.dispose()
+
+
+def test_max_overflow(mariadb_url: str) -> None:
+    engine = sa.create_engine(mariadb_url, max_overflow=7)
+    assert _private.max_overflow(engine.pool) == 7
+
+
+def test_side_connection_runs_the_pools_listeners_and_takes_no_slot(
+    mariadb_url: str,
+) -> None:
+    engine = sa.create_engine(mariadb_url, pool_size=1, max_overflow=0)
+    seen: list[object] = []
+    sa.event.listen(engine, "connect", lambda dbapi, record: seen.append(dbapi))
+    try:
+        record = _private.side_connection(engine.pool)
+        assert seen == [record.dbapi_connection]
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        record.close()
+    finally:
+        engine.dispose()
+
+
+def test_raw_dbapi_connection_uses_the_creator_only(mariadb_url: str) -> None:
+    engine = sa.create_engine(mariadb_url)
+    seen: list[object] = []
+    sa.event.listen(engine, "connect", lambda dbapi, record: seen.append(dbapi))
+    connection = _private.raw_dbapi_connection(engine.pool)
+    try:
+        assert isinstance(connection, pymysql.connections.Connection)
+        assert seen == []
+    finally:
+        connection.close()
+        engine.dispose()
+
+
+def test_constructor_engine_options() -> None:
+    db = SQLAlchemy(engine_options={"pool_recycle": 5})
+    assert _private.constructor_engine_options(db) == {"pool_recycle": 5}
+
+
+def test_pymysql_socket(mariadb_url: str) -> None:
+    engine = sa.create_engine(mariadb_url)
+    try:
+        with engine.connect() as conn:
+            dbapi_connection = conn.connection.dbapi_connection
+            sock = _private.pymysql_socket(dbapi_connection)
+            assert sock.fileno() > 0
+            assert not isinstance(sock, ssl.SSLSocket)  # the shared server: no TLS
+    finally:
+        engine.dispose()
+
+
+def test_a_taken_back_proxy_raises_for_its_holder_and_closes_quietly(
+    mariadb_url: str, recwarn: pytest.WarningsRecorder
+) -> None:
+    engine = sa.create_engine(mariadb_url, pool_size=1, max_overflow=0)
+    try:
+        proxy = engine.raw_connection()
+        proxy.invalidate()
+        _private.leave_error_for_holder(proxy, "taken back")
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        with pytest.raises(ConnectionReclaimed, match="taken back"):
+            proxy.cursor()
+        with pytest.raises(ConnectionReclaimed):
+            proxy.commit()
+        proxy.rollback()
+        proxy.close()  # SQLAlchemy calls rollback() and close() only: both quiet
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    finally:
+        engine.dispose()
+
+
+def _private_attributes(path: Path) -> set[str]:
+    """Every ``x._name`` attribute read in ``path`` (not dunders)."""
+    tree = ast.parse(path.read_text())
+    return {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+        and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+    }
+
+
+def test_private_names_live_in_one_module() -> None:
+    # The guard's own module, werkzeug's public LocalProxy accessor and the
+    # standard library's frame access are fine; any other leading underscore is
+    # a private name of Flask, Flask-SQLAlchemy, SQLAlchemy or a driver.
+    allowed = {"_private", "_get_current_object", "_getframe"}
+    outside = {
+        path.name: found
+        for path in PACKAGE.glob("*.py")
+        if path.name != "_private.py" and (found := _private_attributes(path) - allowed)
+    }
+    assert outside == {}
+
+
+def test_no_private_flask_import() -> None:
+    for path in PACKAGE.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "flask"
+            ):
+                names = [a.name for a in node.names if a.name.startswith("_")]
+                assert names == [], (path.name, node.module, names)
+
+
+def test_the_package_imports_on_this_flask(tmp_path: Path) -> None:
+    app = Flask(__name__)
+    flask_staleguard.StaleGuard(app)
+    assert "staleguard" in app.extensions
+
+
+def test_sessions_open_sees_flask_sqlalchemys_registry(mariadb_url: str) -> None:
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = mariadb_url
+    db = SQLAlchemy(app)
+    with app.app_context():
+        assert not _private.sessions_open(db.session)
+        db.session.execute(sa.text("SELECT 1"))
+        assert _private.sessions_open(db.session)
+        db.session.remove()
+        assert not _private.sessions_open(db.session)
+        db.engine.dispose()
