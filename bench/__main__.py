@@ -7,6 +7,7 @@ Scenarios (``--scenarios``, comma-separated; default all):
 ``latency``     per-request cost through a delaying TCP proxy (item 3)
 ``reconnects``  reconnects and stale errors per traffic pattern (items 4, 5)
 ``profile``     where the guard's per-request cost goes (ablation, call counts)
+``statements``  what the guard's one statement-level listener costs a statement
 
 Writes ``bench/results/<stamp>-<mode>.json`` (everything, raw figures included),
 ``.md`` (the tables), ``.log`` (progress) and ``-latency.png`` (with matplotlib).
@@ -29,7 +30,7 @@ from .machine import load_average
 from .machine import machine_facts
 from .machine import REPO
 
-SCENARIOS = ("pool", "throughput", "latency", "reconnects", "profile")
+SCENARIOS = ("pool", "throughput", "latency", "reconnects", "profile", "statements")
 
 #: Per mode: how long each scenario may run. ``full`` takes about 10–11 minutes,
 #: ``quick`` under 2.
@@ -49,6 +50,7 @@ PLANS: dict[str, dict[str, t.Any]] = {
         "throughput": {"rounds": 30, "duration": 1.0},
         "reconnects": {"busy_seconds": 12.0, "idle_cycles": 3},
         "profile": {"rounds": 15, "requests": 1000, "time_limit": 60.0},
+        "statements": {"rounds": 60, "statements": 2000},
     },
     "quick": {
         "pool": {"rounds": 8, "requests": 400, "time_limit": 18.0},
@@ -61,6 +63,7 @@ PLANS: dict[str, dict[str, t.Any]] = {
         "throughput": {"rounds": 3, "duration": 1.0},
         "reconnects": {"busy_seconds": 5.0, "idle_cycles": 1},
         "profile": {"rounds": 5, "requests": 300, "time_limit": 10.0},
+        "statements": {"rounds": 10, "statements": 500},
     },
 }
 
@@ -228,6 +231,14 @@ def main(argv: list[str] | None = None) -> int:
                 requests=p["requests"],
                 time_limit=p["time_limit"],
                 log=log,
+            )
+        if "statements" in args.scenario_list:
+            from . import statements
+
+            log("scenario statements: the handle_error listener, per statement")
+            p = plan["statements"]
+            results["statements"] = statements.run(
+                rounds=p["rounds"], statements=p["statements"], log=log
             )
         if "reconnects" in args.scenario_list:
             from . import reconnects

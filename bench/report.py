@@ -361,6 +361,17 @@ def markdown(results: t.Mapping[str, t.Any]) -> str:
                 f" {_f(calls, 0)} |"
             )
         lines.append("")
+    statements = results.get("statements")
+    if statements:
+        s = statements["summary"]
+        lines += [
+            "## Per statement: the MariaDB-4031 handle_error listener",
+            "",
+            "| statement (SQLite in memory) | added by the listener |",
+            "| --- | --- |",
+            f"| {_f(s['statement_us'])} µs | {_ci(s['added_us'], 3)} µs |",
+            "",
+        ]
     for variant in ("guard",):
         verdicts = targets(results, variant)
         if not verdicts:
