@@ -144,6 +144,6 @@ def test_mysql_connector_failing_its_own_remove_is_named(
     (message,) = [m for m in messages if "db.session was still open" in m]
     if TEARDOWNS_STOP_AT_FIRST_ERROR:  # the guard saw the exception go by
         assert "Flask-SQLAlchemy's session.remove() raised" in message
-        assert "mysql.connector" in message  # and what it raised
+        assert "Lost connection" in message  # and what it raised
     else:  # Flask 3.2 keeps it to itself until every teardown has run
         assert "Flask-SQLAlchemy's session.remove() failed" in message
