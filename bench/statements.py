@@ -14,7 +14,7 @@ import typing as t
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from flask_staleguard.bind_guard import _keep_mariadb_4031
+from flask_staleguard.core.disconnects import keep_mariadb_4031 as _keep_mariadb_4031
 
 from .stats import bootstrap_ci
 from .stats import median

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from .errors import ConfigError as ConfigError
 from .errors import ConnectionReclaimed as ConnectionReclaimed
 from .errors import LeakError as LeakError
-from .extension import StaleGuard as StaleGuard
-from .inspect import pool_snapshot as pool_snapshot
-from .settings import ConfigError as ConfigError
+from .extension.staleguard import StaleGuard as StaleGuard
+from .report.snapshot import pool_snapshot as pool_snapshot
 
 __version__ = "0.1.0.dev0"

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from flask_staleguard.check import check
-from flask_staleguard.check import find_problems
-from flask_staleguard.check import Problem
-from flask_staleguard.inspect import pool_report
+from flask_staleguard.report.check import check
+from flask_staleguard.report.check import find_problems
+from flask_staleguard.report.check import Problem
+from flask_staleguard.report.snapshot import pool_report
 from tests.clitools import invoke
 from tests.clitools import run_flask
 from tests.conftest import AppFactory
@@ -218,7 +218,7 @@ def test_a_driver_the_liveness_probe_cannot_see(
     assert (problem["code"], problem["severity"]) == ("unsupported_driver", "warning")
     assert "cannot see the pg8000 driver's socket" in problem["message"]
     # A declared path timer keeps the budget finite (pre_ping with no timer at
-    # all trips over derive_engine_options(budget=inf) in BindGuard).
+    # all trips over derive_engine_options(budget=inf) in PoolGuard).
     pre_ping, _ = make_app(
         url, STALEGUARD_STRATEGY="pre_ping", STALEGUARD_IDLE_TIMEOUT=600
     )

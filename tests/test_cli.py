@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from flask import jsonify
 from flask_sqlalchemy import SQLAlchemy
 
-from flask_staleguard.inspect import pool_snapshot
+from flask_staleguard.report.snapshot import pool_snapshot
 from tests.clitools import invoke
 from tests.clitools import run_flask
 from tests.conftest import AppFactory

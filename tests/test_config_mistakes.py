@@ -14,7 +14,7 @@ from flask_sqlalchemy import SQLAlchemy
 
 from flask_staleguard import ConfigError
 from flask_staleguard import StaleGuard
-from flask_staleguard.contexts import TEARDOWNS_STOP_AT_FIRST_ERROR
+from flask_staleguard.extension.contexts import TEARDOWNS_STOP_AT_FIRST_ERROR
 from tests.conftest import AppFactory
 from tests.servers import MariaDBServer
 
@@ -45,7 +45,7 @@ def test_the_default_bind_is_spelled_default_or_none(
     make_app: AppFactory, mariadb_url: str, spelling: str | None
 ) -> None:
     app, _ = make_app(mariadb_url, STALEGUARD_IDLE_TIMEOUT={spelling: 30})
-    assert app.extensions["staleguard"].binds[None].budget == 27
+    assert app.extensions["staleguard"].binds[None].idle.seconds == 27
 
 
 def test_default_is_ambiguous_beside_a_bind_named_default(
@@ -79,7 +79,7 @@ def test_a_year_of_discovery_timeout_still_works(
     make_app: AppFactory, mariadb_url: str
 ) -> None:
     app, _ = make_app(mariadb_url, STALEGUARD_DISCOVERY_TIMEOUT=365 * 24 * 3600)
-    assert app.extensions["staleguard"].binds[None].server_timeout == 28800
+    assert app.extensions["staleguard"].binds[None].idle.server_timeout == 28800
 
 
 def test_the_database_uri_set_after_init_app_is_guarded(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from flask_staleguard.derive import derive_engine_options
-from flask_staleguard.derive import effective_timeout
-from flask_staleguard.derive import idle_budget
-from flask_staleguard.derive import merge_options
+from flask_staleguard.core.derive import derive_engine_options
+from flask_staleguard.core.derive import effective_timeout
+from flask_staleguard.core.derive import idle_budget
+from flask_staleguard.core.derive import merge_options
 
 
 @pytest.mark.parametrize(

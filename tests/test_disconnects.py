@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
-from flask_staleguard.errors import disconnect_label
+from flask_staleguard.core.disconnects import disconnect_label
 from tests.conftest import AppFactory
 from tests.conftest import connection_id
 from tests.servers import MariaDBServer
@@ -184,7 +184,7 @@ def test_statements_meet_no_listener_of_the_guard_but_handle_error(
         engine = mysql_db.engine
         assert engine._has_events is False
         listeners = [fn.__name__ for fn in engine.dialect.dispatch.handle_error]
-        assert listeners == ["_keep_mariadb_4031"]
+        assert listeners == ["keep_mariadb_4031"]
     with postgres_app.app_context():
         assert postgres_db.engine._has_events is False
         assert postgres_db.engine.dialect._has_events is False

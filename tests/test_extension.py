@@ -99,8 +99,8 @@ def test_two_binds_get_their_own_budget(
             "plain": mariadb.url,
         },
     )
-    assert bind_of(app, "short").server_timeout == 20
-    assert bind_of(app, "plain").server_timeout == 28800
+    assert bind_of(app, "short").idle.server_timeout == 20
+    assert bind_of(app, "plain").idle.server_timeout == 28800
     binds = app.config["SQLALCHEMY_BINDS"]
     assert binds["short"]["pool_recycle"] == 18
     assert binds["plain"]["pool_recycle"] == 28770
@@ -119,9 +119,9 @@ def test_declared_timeouts_per_bind(
         STALEGUARD_SERVER_TIMEOUT={None: 600},
         STALEGUARD_IDLE_TIMEOUT={"other": 350},
     )
-    assert bind_of(app).server_timeout == 600
-    assert bind_of(app).budget == 570
-    assert bind_of(app, "other").budget == 320
+    assert bind_of(app).idle.server_timeout == 600
+    assert bind_of(app).idle.seconds == 570
+    assert bind_of(app, "other").idle.seconds == 320
 
 
 def test_two_apps_share_no_config(make_app: AppFactory, mariadb: MariaDBServer) -> None:
@@ -194,7 +194,7 @@ def test_discovery_leaves_no_connection_open(mariadb: MariaDBServer) -> None:
     app.config["SQLALCHEMY_DATABASE_URI"] = mariadb.url
     StaleGuard(app)
     db = SQLAlchemy(app)
-    assert bind_of(app).server_timeout == 28800  # it did ask the server
+    assert bind_of(app).idle.server_timeout == 28800  # it did ask the server
     assert app_connections() == before
     with app.app_context():
         assert db.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
@@ -233,7 +233,7 @@ def test_database_down_at_startup(
     )
     assert "could not reach" in guard_log.text
     assert "assuming 28800 s until a connection succeeds" in guard_log.text
-    assert bind_of(app).provisional
+    assert bind_of(app).idle.provisional
 
     @app.route("/q")
     def query() -> str:
@@ -244,8 +244,8 @@ def test_database_down_at_startup(
     mariadb.start()
     assert app.test_client().get("/q").text == "1"
     # The first connection told the truth; the derived recycle follows it.
-    assert bind_of(app).server_timeout == 2
-    assert not bind_of(app).provisional
+    assert bind_of(app).idle.server_timeout == 2
+    assert not bind_of(app).idle.provisional
     with app.app_context():
         assert db.engine.pool._recycle == 1
 
@@ -257,7 +257,7 @@ def test_unreachable_port_does_not_block_startup(
     started = time.monotonic()
     app, _ = make_app(url, STALEGUARD_DISCOVERY_TIMEOUT=1)
     assert time.monotonic() - started < 5
-    assert bind_of(app).provisional
+    assert bind_of(app).idle.provisional
     assert logging.WARNING in {r.levelno for r in guard_log.records}
 
 
@@ -274,7 +274,7 @@ def test_postgres_without_idle_timeout(
 ) -> None:
     # idle_session_timeout = 0: nothing closes idle sessions, there is no budget.
     app, db = make_app(postgres_url, STALEGUARD_STRATEGY=strategy)
-    assert bind_of(app).server_timeout is None
+    assert bind_of(app).idle.server_timeout is None
     assert bind_of(app).applied == expected
     with app.app_context():
         assert db.session.execute(sa.text("SELECT 1")).scalar_one() == 1

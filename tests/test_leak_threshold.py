@@ -96,7 +96,7 @@ def test_connection_held_past_threshold_is_reported_with_its_site(
         assert len(reports) == 1, reports
         assert f"test_leak_threshold.py:{holder.line} in _run" in reports[0]
         assert "STALEGUARD_LEAK_THRESHOLD=0.5 s" in reports[0]
-    assert app.extensions["staleguard"].binds[None].checked_out == {}
+    assert app.extensions["staleguard"].binds[None].holders.checked_out == {}
 
 
 @pytest.mark.parametrize(

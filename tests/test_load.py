@@ -31,7 +31,7 @@ from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import event
 
-from flask_staleguard.bind_guard import STATE
+from flask_staleguard.core.checkout import STATE
 from tests.conftest import AppFactory
 from tests.servers import MariaDBServer
 

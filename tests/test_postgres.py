@@ -17,8 +17,8 @@ import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
-from flask_staleguard import probe
-from flask_staleguard.bind_guard import STATE
+from flask_staleguard.core import probe
+from flask_staleguard.core.checkout import STATE
 from tests.conftest import AppFactory
 from tests.servers import PostgresServer
 
@@ -80,8 +80,8 @@ def test_budget_is_derived_from_idle_session_timeout(
 ) -> None:
     app, _ = make_app(postgres_url, SQLALCHEMY_ENGINE_OPTIONS=SHORT)
     bind = app.extensions["staleguard"].binds[None]
-    assert bind.server_timeout == 2
-    assert bind.budget == pytest.approx(1.8)
+    assert bind.idle.server_timeout == 2
+    assert bind.idle.seconds == pytest.approx(1.8)
 
 
 def test_idle_session_timeout_is_survived(

@@ -8,7 +8,7 @@ import time
 
 import pymysql
 
-from flask_staleguard import probe
+from flask_staleguard.core import probe
 from tests.servers import MariaDBServer
 
 

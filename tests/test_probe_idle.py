@@ -9,11 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from flask_staleguard.probe_idle import format_probe
-from flask_staleguard.probe_idle import growing
-from flask_staleguard.probe_idle import IdleTimer
-from flask_staleguard.probe_idle import NO_ANSWER
-from flask_staleguard.probe_idle import probe_idle
+from flask_staleguard.report.probe_idle import format_probe
+from flask_staleguard.report.probe_idle import growing
+from flask_staleguard.report.probe_idle import IdleTimer
+from flask_staleguard.report.probe_idle import NO_ANSWER
+from flask_staleguard.report.probe_idle import probe_idle
 from tests.clitools import invoke
 from tests.conftest import AppFactory
 from tests.proxies import TcpProxy

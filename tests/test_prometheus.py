@@ -20,8 +20,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 import flask_staleguard
-from flask_staleguard.prometheus import generate
-from flask_staleguard.prometheus import StaleGuardMetrics
+from flask_staleguard.metrics.prometheus import generate
+from flask_staleguard.metrics.prometheus import StaleGuardMetrics
 from tests.conftest import AppFactory
 from tests.conftest import connection_id
 from tests.servers import free_port
@@ -106,8 +106,8 @@ from flask import request
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_staleguard import StaleGuard
-from flask_staleguard.prometheus import metrics_view
-from flask_staleguard.prometheus import StaleGuardMetrics
+from flask_staleguard.metrics.prometheus import metrics_view
+from flask_staleguard.metrics.prometheus import StaleGuardMetrics
 
 app = Flask(__name__)
 app.config["SQLALCHEMY_DATABASE_URI"] = os.environ["SG_TEST_URL"]

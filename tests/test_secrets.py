@@ -13,7 +13,7 @@ import typing as t
 import pytest
 import sqlalchemy as sa
 
-from flask_staleguard.redact import Secrets
+from flask_staleguard.core.redact import Secrets
 from tests.clitools import invoke
 from tests.conftest import AppFactory
 from tests.servers import APP_PASSWORD

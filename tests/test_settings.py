@@ -7,9 +7,9 @@ import typing as t
 import pytest
 
 from flask_staleguard import ConfigError
-from flask_staleguard.settings import DEFAULTS
-from flask_staleguard.settings import load_settings
-from flask_staleguard.settings import Settings
+from flask_staleguard.extension.config import DEFAULTS
+from flask_staleguard.extension.config import load_settings
+from flask_staleguard.extension.config import Settings
 
 
 def test_defaults() -> None:

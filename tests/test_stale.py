@@ -13,9 +13,9 @@ import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
-from flask_staleguard.bind_guard import BindGuard
-from flask_staleguard.redact import Secrets
-from flask_staleguard.settings import load_settings
+from flask_staleguard.core.guard import PoolGuard
+from flask_staleguard.core.options import GuardOptions
+from flask_staleguard.core.redact import Secrets
 from tests.conftest import AppFactory
 from tests.conftest import connection_id
 from tests.conftest import is_gone_error
@@ -103,8 +103,8 @@ def test_guard_budget_comes_from_the_session_timeout(
 ) -> None:
     app, db = make_app(short_timeout.url, SQLALCHEMY_ENGINE_OPTIONS=POOL)
     bind = app.extensions["staleguard"].binds[None]
-    assert bind.server_timeout == 2
-    assert bind.budget == pytest.approx(1.8)
+    assert bind.idle.server_timeout == 2
+    assert bind.idle.seconds == pytest.approx(1.8)
 
 
 def test_killed_idle_connections_are_replaced(
@@ -177,8 +177,8 @@ def test_connection_pooled_before_the_guard_is_guarded_after_its_checkin(
     try:
         with engine.connect() as conn:
             first = conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one()
-        bind = BindGuard(
-            None, Secrets(engine.url), "mysql", load_settings({}), server_timeout=2
+        bind = PoolGuard(
+            None, "default", Secrets(engine.url), "mysql", GuardOptions(), 2
         )
         bind.attach(engine)
         with engine.connect() as conn:  # the guard knows nothing of it yet

@@ -11,15 +11,15 @@ import pytest
 import sqlalchemy as sa
 from blinker import Signal
 
-from flask_staleguard.bind_guard import BindGuard
-from flask_staleguard.signals import connection_replaced
-from flask_staleguard.signals import disconnect_seen
-from flask_staleguard.signals import leak_detected
+from flask_staleguard.core.guard import PoolGuard
+from flask_staleguard.metrics.signals import connection_replaced
+from flask_staleguard.metrics.signals import disconnect_seen
+from flask_staleguard.metrics.signals import leak_detected
 from tests.conftest import AppFactory
 from tests.conftest import connection_id
 from tests.servers import MariaDBServer
 
-Received = list[tuple[BindGuard, dict[str, t.Any]]]
+Received = list[tuple[PoolGuard, dict[str, t.Any]]]
 
 
 @pytest.fixture()
@@ -30,7 +30,7 @@ def receive() -> Iterator[t.Callable[[Signal], Received]]:
     def connect(signal: Signal) -> Received:
         received: Received = []
 
-        def receiver(sender: BindGuard, **kwargs: t.Any) -> None:
+        def receiver(sender: PoolGuard, **kwargs: t.Any) -> None:
             received.append((sender, kwargs))
 
         signal.connect(receiver, weak=False)
@@ -42,8 +42,8 @@ def receive() -> Iterator[t.Callable[[Signal], Received]]:
         signal.disconnect(receiver)
 
 
-def guard_of(app: t.Any, key: str | None = None) -> BindGuard:
-    return t.cast(BindGuard, app.extensions["staleguard"].binds[key])
+def guard_of(app: t.Any, key: str | None = None) -> PoolGuard:
+    return t.cast(PoolGuard, app.extensions["staleguard"].binds[key])
 
 
 def test_counters_start_at_zero_and_count_checkouts(

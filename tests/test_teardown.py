@@ -13,7 +13,7 @@ from sqlalchemy.orm import sessionmaker
 
 from flask_staleguard import LeakError
 from flask_staleguard import StaleGuard
-from flask_staleguard.contexts import TEARDOWNS_STOP_AT_FIRST_ERROR
+from flask_staleguard.extension.contexts import TEARDOWNS_STOP_AT_FIRST_ERROR
 from tests.conftest import AppFactory
 from tests.conftest import raises
 from tests.servers import MariaDBServer

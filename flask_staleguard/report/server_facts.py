@@ -12,15 +12,15 @@ import typing as t
 
 import sqlalchemy as sa
 
-from . import probe
-from ._private import side_connection
-from .bind_guard import BindGuard
-from .deadline import call_within
-from .deadline import NoAnswer
-from .errors import error_code
-from .units import seconds_text
-
-Report = dict[str, t.Any]
+from .._private import side_connection
+from ..core import probe
+from ..core.deadline import call_within
+from ..core.disconnects import error_code
+from ..core.guard import PoolGuard
+from ..core.units import seconds_text
+from ..core.units import seconds_value
+from ..errors import NoAnswer
+from .document import Report
 
 #: MySQL's ER_SPECIFIC_ACCESS_DENIED_ERROR and ER_TABLEACCESS_DENIED_ERROR, and
 #: PostgreSQL's insufficient_privilege.
@@ -29,7 +29,7 @@ _DENIED_SQLSTATE = "42501"
 
 
 def read_server(
-    report: Report, guard: BindGuard, engine: sa.engine.Engine, process_list: bool
+    report: Report, guard: PoolGuard, engine: sa.engine.Engine, process_list: bool
 ) -> None:
     """Fill ``server``, ``connections``, ``liveness_probe`` and ``notes``, or
     ``error``, within the bind's time limit (``STALEGUARD_DISCOVERY_TIMEOUT``).
@@ -60,7 +60,7 @@ def read_server(
         )
 
 
-def _read(guard: BindGuard, engine: sa.engine.Engine, process_list: bool) -> Report:
+def _read(guard: PoolGuard, engine: sa.engine.Engine, process_list: bool) -> Report:
     """What the server says, over a connection of its own; raises if it cannot
     connect, and reports any later failure as ``error``.
     """
@@ -84,7 +84,7 @@ def _read(guard: BindGuard, engine: sa.engine.Engine, process_list: bool) -> Rep
             return found
         for row in connections:
             idle = row["idle"]
-            row["past_budget"] = idle is not None and idle > guard.budget
+            row["past_budget"] = idle is not None and idle > guard.idle.seconds
         found["server"] = server
         found["connections"] = connections
     except Exception as e:
@@ -130,14 +130,6 @@ def _attempt(
         return None
 
 
-def _seconds(value: t.Any, scale: float = 1.0) -> float | None:
-    """A timer setting in seconds; 0 or a missing setting means "no timer"."""
-    if value is None:
-        return None
-    number = float(value) * scale
-    return number or None
-
-
 # Constant SQL only: no parameters, so no paramstyle differences between drivers.
 _MYSQL_TIMERS = (
     "SELECT VERSION(), @@session.wait_timeout, @@global.wait_timeout,"
@@ -169,9 +161,9 @@ def _mysql(
         "database": _text(database),
         # What the server enforces on this app's connections: the session value,
         # which interactive clients take from interactive_timeout.
-        "wait_timeout": _seconds(session),
-        "global_wait_timeout": _seconds(global_wait),
-        "interactive_timeout": _seconds(interactive),
+        "wait_timeout": seconds_value(session),
+        "global_wait_timeout": seconds_value(global_wait),
+        "interactive_timeout": seconds_value(interactive),
         "max_connections": int(max_connections),
         "threads_connected": int(status[0][1]) if status else None,
     }
@@ -262,8 +254,10 @@ def _postgresql_reads(
         "database": database,
         # pg_settings has milliseconds, 0 for none; PostgreSQL 13 and older have
         # no idle_session_timeout (NULL here).
-        "idle_session_timeout": _seconds(idle_session, 0.001),
-        "idle_in_transaction_session_timeout": _seconds(idle_in_transaction, 0.001),
+        "idle_session_timeout": seconds_value(idle_session, 0.001),
+        "idle_in_transaction_session_timeout": seconds_value(
+            idle_in_transaction, 0.001
+        ),
         "max_connections": int(maximum),
         "superuser_reserved_connections": int(reserved),
         "client_backends": int(backends[0][0]) if backends else None,

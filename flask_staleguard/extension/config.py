@@ -2,14 +2,22 @@
 
 Everything here is pure: :func:`load_settings` reads a mapping (normally
 ``app.config``) and returns a frozen :class:`Settings`, or raises
-:class:`ConfigError` naming the key at fault and the values it accepts.
+:class:`~flask_staleguard.ConfigError` naming the key at fault and the values it
+accepts. :meth:`Settings.options_for` gives one bind's
+:class:`~flask_staleguard.core.options.GuardOptions`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing as t
+
+from ..core.options import choice
+from ..core.options import GuardOptions
+from ..core.options import LEAK_POLICIES
+from ..core.options import seconds
+from ..core.options import STRATEGIES
+from ..errors import ConfigError
 
 #: How stale connections are kept away from the app: ``"guard"`` (idle budget and
 #: a zero-round-trip socket check at checkout), ``"recycle"`` (derived
@@ -38,9 +46,6 @@ LEAKS = "STALEGUARD_LEAKS"
 #: job) before it is reported with where it was taken. ``None``: never.
 LEAK_THRESHOLD = "STALEGUARD_LEAK_THRESHOLD"
 
-STRATEGIES = ("guard", "recycle", "pre_ping", "off")
-LEAK_POLICIES = ("warn", "reclaim", "raise")
-
 #: The defaults, applied with ``app.config.setdefault`` at ``init_app``.
 DEFAULTS: dict[str, t.Any] = {
     STRATEGY: "guard",
@@ -59,18 +64,11 @@ PerBind = t.Union[float, None, t.Mapping[BindKey, t.Optional[float]]]
 #: How the default bind is named in logs, output, ``--bind`` and per-bind dicts
 #: (where ``None``, Flask-SQLAlchemy's own key for it, works too).
 DEFAULT_BIND = "default"
-#: The longest span any key accepts: a year, in seconds (what PyMySQL allows for
-#: its connect timeout). Longer is a mistake, and would break the drivers.
-MAX_SECONDS = 365 * 24 * 3600
 
 
 def bind_name(key: BindKey) -> str:
     """How a bind key reads in logs and output: ``"default"`` for ``None``."""
     return DEFAULT_BIND if key is None else key
-
-
-class ConfigError(ValueError):
-    """A ``STALEGUARD_*`` key has a value the extension cannot use."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +90,18 @@ class Settings:
     def server_timeout_for(self, bind: BindKey) -> float | None:
         """The declared server idle timeout for ``bind``, if any."""
         return _for_bind(self.server_timeout, bind)
+
+    def options_for(self, bind: BindKey) -> GuardOptions:
+        """The guard options of ``bind``."""
+        return GuardOptions(
+            strategy=self.strategy,
+            idle_timeout=self.idle_timeout_for(bind),
+            server_timeout=self.server_timeout_for(bind),
+            margin=self.margin,
+            timeout=self.discovery_timeout,
+            leaks=self.leaks,
+            leak_threshold=self.leak_threshold,
+        )
 
     def for_binds(self, binds: t.Iterable[BindKey]) -> Settings:
         """These settings with per-bind dicts keyed by the app's real bind keys.
@@ -121,7 +131,7 @@ def _keyed(key: str, value: PerBind, known: list[BindKey]) -> PerBind:
     ordered = sorted(known, key=lambda b: (b is not None, b or ""))
     names = ", ".join(repr(bind_name(b)) for b in ordered) or "none"
     keyed: dict[BindKey, float | None] = {}
-    for bind, seconds in value.items():
+    for bind, number in value.items():
         actual: BindKey = bind
         if bind == DEFAULT_BIND and bind not in known:
             actual = None
@@ -140,7 +150,7 @@ def _keyed(key: str, value: PerBind, known: list[BindKey]) -> PerBind:
             raise ConfigError(
                 f"{key} gives the default bind twice, as 'default' and as None."
             )
-        keyed[actual] = seconds
+        keyed[actual] = number
     return keyed
 
 
@@ -156,57 +166,22 @@ def load_settings(config: t.Mapping[str, t.Any]) -> Settings:
         )
     get = {k: config.get(k, v) for k, v in DEFAULTS.items()}
     return Settings(
-        strategy=_choice(STRATEGY, get[STRATEGY], STRATEGIES),
+        strategy=choice(STRATEGY, get[STRATEGY], STRATEGIES),
         idle_timeout=_per_bind(IDLE_TIMEOUT, get[IDLE_TIMEOUT]),
         server_timeout=_per_bind(SERVER_TIMEOUT, get[SERVER_TIMEOUT]),
-        margin=_seconds(MARGIN, get[MARGIN], optional=True, zero=True),
+        margin=seconds(MARGIN, get[MARGIN], optional=True, zero=True),
         discovery_timeout=t.cast(
-            float, _seconds(DISCOVERY_TIMEOUT, get[DISCOVERY_TIMEOUT])
+            float, seconds(DISCOVERY_TIMEOUT, get[DISCOVERY_TIMEOUT])
         ),
-        leaks=_choice(LEAKS, get[LEAKS], LEAK_POLICIES),
-        leak_threshold=_seconds(LEAK_THRESHOLD, get[LEAK_THRESHOLD], optional=True),
+        leaks=choice(LEAKS, get[LEAKS], LEAK_POLICIES),
+        leak_threshold=seconds(LEAK_THRESHOLD, get[LEAK_THRESHOLD], optional=True),
     )
-
-
-def _choice(key: str, value: object, accepted: tuple[str, ...]) -> str:
-    if isinstance(value, str) and value in accepted:
-        return value
-    raise ConfigError(
-        f"{key} is {value!r}; accepted values are: "
-        + ", ".join(repr(a) for a in accepted)
-        + "."
-    )
-
-
-def _seconds(
-    key: str, value: object, *, optional: bool = False, zero: bool = False
-) -> float | None:
-    if value is None and optional:
-        return None
-    # bool is an int subclass, and True seconds is certainly a mistake.
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        # An int beyond a float's range (10**400) cannot be seconds either.
-        number = float(value) if abs(value) <= MAX_SECONDS else math.inf
-        if math.isfinite(number) and (number > 0 or (zero and number == 0)):
-            return number
-    lower = "0 or more" if zero else "more than 0"
-    also = ", or None" if optional else ""
-    raise ConfigError(
-        f"{key} is {_shown(value)}; expected a number of seconds {lower} and at"
-        f" most {MAX_SECONDS} (a year){also}."
-    )
-
-
-def _shown(value: object) -> str:
-    """``repr(value)``, cut short: ``10**400`` has 401 digits."""
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]}"
 
 
 def _per_bind(key: str, value: object) -> PerBind:
     if isinstance(value, t.Mapping):
         return {
-            bind: _seconds(f"{key}[{bind!r}]", seconds, optional=True)
-            for bind, seconds in value.items()
+            bind: seconds(f"{key}[{bind!r}]", number, optional=True)
+            for bind, number in value.items()
         }
-    return _seconds(key, value, optional=True)
+    return seconds(key, value, optional=True)

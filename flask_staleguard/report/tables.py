@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import typing as t
 
-from .units import seconds_text
-
-Report = dict[str, t.Any]
+from ..core.units import seconds_text
+from .document import Report
 
 
 def format_table(headers: t.Sequence[str], rows: t.Iterable[t.Sequence[t.Any]]) -> str:

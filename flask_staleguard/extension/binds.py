@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
-from .settings import BindKey
+from .config import BindKey
 
 URI = "SQLALCHEMY_DATABASE_URI"
 ENGINE_OPTIONS = "SQLALCHEMY_ENGINE_OPTIONS"
@@ -61,3 +61,8 @@ def add_engine_options(
         entry = {"url": entry}
     binds[key] = {**entry, **options}
     config[BINDS] = binds
+
+
+def type_name(extension: object) -> str:
+    """``module.Class`` of an extension, for "not supported" messages."""
+    return f"{type(extension).__module__}.{type(extension).__name__}"

@@ -4,10 +4,6 @@ It runs after *all* teardown functions. Flask 3.2 runs them all anyway, and the
 clean-up is the last of them; Flask 3.1 and older stop at the first teardown that
 raises, which skips Flask-SQLAlchemy's ``session.remove()`` and leaves a session
 holding a connection, so there the app's ``do_teardown_appcontext`` is wrapped.
-
-A streamed response runs after its app context's teardown (unless
-``stream_with_context`` keeps the context), so the connections checked out in
-that context are judged when the server closes the response instead.
 """
 
 from __future__ import annotations
@@ -18,29 +14,26 @@ import types
 import typing as t
 
 from flask import Flask
-from flask import Response
 from sqlalchemy.orm import scoped_session
 
-from ._private import sessions_open
+from .._private import sessions_open
+from ..errors import LeakError
 from .binds import flask_sqlalchemy
 from .contexts import current_context
 from .contexts import TEARDOWNS_STOP_AT_FIRST_ERROR
-from .errors import LeakError
-
-if t.TYPE_CHECKING:
-    from .extension import GuardState
+from .leaks import defer_for_streams
+from .leaks import reclaim_leaks
+from .leaks import streaming
+from .state import GuardState
 
 logger = logging.getLogger("flask_staleguard")
-
-#: The attribute of ``g`` that marks a context whose response is still streaming.
-STREAMING = "_staleguard_streaming"
 
 
 def install(app: Flask, state: GuardState) -> None:
     """Make ``app`` call :func:`clean_up` after its teardown functions, and after
     a streamed response is closed.
     """
-    app.after_request(functools.partial(_defer_for_streams, state))
+    app.after_request(functools.partial(defer_for_streams, state))
     if TEARDOWNS_STOP_AT_FIRST_ERROR:
         _wrap_teardowns(app, state)
     else:
@@ -85,24 +78,6 @@ def _teardown(app: Flask, state: GuardState, exc: BaseException | None) -> None:
         clean_up(app, state, current_context())
 
 
-def _defer_for_streams(state: GuardState, response: Response) -> Response:
-    """``after_request``: a streamed body runs after the teardown, so its
-    connections are judged when the response is closed.
-    """
-    # Werkzeug closes a direct-passthrough response's file, not the response.
-    if response.is_streamed and not response.direct_passthrough:
-        ctx = current_context()
-        if ctx is not None and not getattr(ctx.g, STREAMING, False):
-            setattr(ctx.g, STREAMING, True)
-            response.call_on_close(functools.partial(_stream_closed, state, ctx))
-    return response
-
-
-def _stream_closed(state: GuardState, ctx: t.Any) -> None:
-    setattr(ctx.g, STREAMING, False)
-    reclaim_leaks(state, ctx)
-
-
 def clean_up(
     app: Flask,
     state: GuardState,
@@ -124,27 +99,8 @@ def clean_up(
             remove_session(session, repr(session))
     except Exception:
         logger.exception("flask-staleguard: clean-up at teardown failed")
-    if ctx is not None and not getattr(ctx.g, STREAMING, False):
+    if ctx is not None and not streaming(ctx):
         reclaim_leaks(state, ctx)
-
-
-def reclaim_leaks(state: GuardState, ctx: t.Any) -> None:
-    """Report, and by policy take back, the connections ``ctx`` still has out."""
-    leaks = 0
-    try:
-        for bind in state.binds.values():
-            if bind.checked_out:
-                for record, checkout in bind.leaks_of(ctx):
-                    bind.reclaim(record, checkout)
-                    leaks += 1
-    except Exception:
-        logger.exception("flask-staleguard: reclaiming leaked connections failed")
-    if leaks and state.settings.leaks == "raise":
-        raise LeakError(
-            f"{leaks} connection(s) were still checked out when the app context"
-            " ended (see the warnings above for where they were taken);"
-            " STALEGUARD_LEAKS='raise'"
-        )
 
 
 def _culprit(failure: BaseException | None) -> str:

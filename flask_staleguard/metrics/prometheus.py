@@ -24,9 +24,9 @@ from prometheus_client import multiprocess
 from prometheus_client import REGISTRY
 from sqlalchemy import event
 
-from .bind_guard import BindGuard
-from .extension import get_state
-from .inspect import engine_for
+from ..core.guard import PoolGuard
+from ..extension.state import get_state
+from ..report.snapshot import engine_for
 from .signals import connection_replaced
 from .signals import disconnect_seen
 from .signals import leak_detected
@@ -122,25 +122,25 @@ class StaleGuardMetrics:
 
 
 def _export(
-    bind: BindGuard, engine: sa.engine.Engine, metrics: _Metrics
+    bind: PoolGuard, engine: sa.engine.Engine, metrics: _Metrics
 ) -> tuple[t.Callable[..., None], ...]:
     """Count ``bind``'s events with the receivers returned."""
     name = bind.name
     checkouts = metrics.checkouts.labels(name)  # resolved once: checkouts are hot
-    metrics.idle_budget.labels(name).set(bind.budget)
+    metrics.idle_budget.labels(name).set(bind.idle.seconds)
 
     def on_checkout(*args: t.Any) -> None:
         checkouts.inc()
 
-    def on_replaced(sender: BindGuard, reason: str, **kwargs: t.Any) -> None:
+    def on_replaced(sender: PoolGuard, reason: str, **kwargs: t.Any) -> None:
         metrics.replaced.labels(name, reason).inc()
         # A replacement may follow a newly learnt timeout; keep the gauge current.
-        metrics.idle_budget.labels(name).set(sender.budget)
+        metrics.idle_budget.labels(name).set(sender.idle.seconds)
 
-    def on_disconnect(sender: BindGuard, code: str, **kwargs: t.Any) -> None:
+    def on_disconnect(sender: PoolGuard, code: str, **kwargs: t.Any) -> None:
         metrics.disconnects.labels(name, code).inc()
 
-    def on_leak(sender: BindGuard, reclaimed: bool, **kwargs: t.Any) -> None:
+    def on_leak(sender: PoolGuard, reclaimed: bool, **kwargs: t.Any) -> None:
         metrics.leaks.labels(name, str(reclaimed).lower()).inc()
 
     # insert=True: ahead of the guard's own listener, which raises to replace a

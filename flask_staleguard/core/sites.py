@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 import types
 
 #: How many of the app's own frames to remember.
 DEPTH = 3
-#: Packages whose frames are plumbing between the app and the pool.
-_INTERNAL = tuple(
-    os.path.dirname(__import__(name).__file__ or "") + os.sep
-    for name in (
-        "flask_staleguard",
-        "sqlalchemy",
-        "flask_sqlalchemy",
-        "flask",
-        "werkzeug",
-    )
-) + ("<frozen ", contextlib.__file__)
+#: Packages whose frames are plumbing between the app and the pool. Found
+#: without importing them: the core imports no web framework.
+_PLUMBING = ("flask_staleguard", "sqlalchemy", "flask_sqlalchemy", "flask", "werkzeug")
+
+
+def _folder(package: str) -> str | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.origin:
+        return None
+    return os.path.dirname(spec.origin) + os.sep
+
+
+_INTERNAL = tuple(f for f in map(_folder, _PLUMBING) if f) + (
+    "<frozen ",
+    contextlib.__file__,
+)
 # Keyed by file name: str caches its hash, a code object does not.
 _internal_file: dict[str, bool] = {}
 

@@ -9,13 +9,13 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from ..errors import UnknownBind
 from .check import check
 from .check import format_check
-from .inspect import pool_snapshot
-from .inspect import UnknownBind
 from .probe_idle import click_progress
 from .probe_idle import format_probe
 from .probe_idle import probe_idle
+from .snapshot import pool_snapshot
 from .tables import format_pool
 
 cli = AppGroup(

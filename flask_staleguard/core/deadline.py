@@ -13,14 +13,11 @@ import os
 import threading
 import typing as t
 
+from ..errors import NoAnswer
 from .probe import shut_down
 from .probe import socket_fd
 
 T = t.TypeVar("T")
-
-
-class NoAnswer(TimeoutError):
-    """The database did not answer within the guard's time limit."""
 
 
 def call_within(

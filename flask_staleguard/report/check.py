@@ -1,6 +1,6 @@
 """``flask staleguard check``: settings that let stale connections through.
 
-:func:`find_problems` is pure: it judges the reports :func:`~.inspect.pool_report`
+:func:`find_problems` is pure: it judges the reports :func:`~.snapshot.pool_report`
 gathers (pool options, guard settings, the server's timers). :func:`check` gathers
 them and returns the verdict with its exit code.
 """
@@ -14,11 +14,11 @@ import typing as t
 import sqlalchemy as sa
 from flask import Flask
 
-from .inspect import pool_report
-from .inspect import Report
-from .inspect import SCHEMA
+from ..core.units import seconds_text
+from .document import Report
+from .document import SCHEMA
+from .snapshot import pool_report
 from .tables import format_table
-from .units import seconds_text
 
 #: ``pool_recycle`` does not come before the server's idle timeout, and nothing
 #: checks a connection at checkout: the seed of "MySQL server has gone away".
@@ -36,10 +36,6 @@ UNSUPPORTED_DRIVER = "unsupported_driver"
 NO_CONNECTION_HEADROOM = "no_connection_headroom"
 #: SQLite has no server to close idle connections: nothing to guard.
 SQLITE = "sqlite"
-
-#: How bad a problem is: ``error`` and ``warning`` make ``check`` exit 1,
-#: ``info`` does not.
-SEVERITIES = ("error", "warning", "info")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +92,7 @@ def check(
 
 
 def find_problems(reports: t.Sequence[Report], workers: int = 1) -> list[Problem]:
-    """The problems in ``reports`` (as :func:`~.inspect.pool_report` returns them)
+    """The problems in ``reports`` (as :func:`~.snapshot.pool_report` returns them)
     for an app run by ``workers`` processes.
     """
     problems: list[Problem] = []

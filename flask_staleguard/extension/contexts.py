@@ -42,3 +42,8 @@ def current_request() -> t.Any:
         return _request()
     except RuntimeError:
         return None
+
+
+def describe_request(request: t.Any) -> str:
+    """How a leak report names the request that took a connection."""
+    return f"during {request.method} {request.path} (endpoint {request.endpoint!r})"

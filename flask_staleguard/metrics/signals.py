@@ -1,6 +1,6 @@
 """Blinker signals, so an app can feed the guard's events to its own metrics.
 
-Each is sent with the :class:`~flask_staleguard.bind_guard.BindGuard` as sender;
+Each is sent with the :class:`~flask_staleguard.core.guard.PoolGuard` as sender;
 ``sender.key`` is the bind key.
 """
 

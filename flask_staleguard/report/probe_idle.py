@@ -26,16 +26,16 @@ import sqlalchemy as sa
 from flask import current_app
 from flask import Flask
 
-from . import _private
-from . import probe
-from .bind_guard import BindGuard
-from .deadline import call_within
-from .deadline import NoAnswer
-from .discovery import session_idle_timeout
-from .inspect import engine_for
-from .inspect import SCHEMA
-from .inspect import select_binds
-from .units import seconds_text
+from .. import _private
+from ..core import probe
+from ..core.deadline import call_within
+from ..core.discovery import session_idle_timeout
+from ..core.guard import PoolGuard
+from ..core.units import seconds_text
+from ..errors import NoAnswer
+from .document import SCHEMA
+from .snapshot import engine_for
+from .snapshot import select_binds
 
 #: Connections idled at once in each narrowing round: more cut a range finer per
 #: round (a round lasts as long as its longest interval).
@@ -168,7 +168,7 @@ def probe_idle(
                     closed_by=None,
                     maximum=maximum,
                     server_timeout=None,
-                    configured_idle_timeout=guard.idle_timeout,
+                    configured_idle_timeout=guard.idle.idle_timeout,
                     recommended_idle_timeout=None,
                     note="SQLite has no network path to measure",
                 )
@@ -202,7 +202,7 @@ def probe_idle(
                 how,
                 maximum,
                 server_timeout,
-                guard.idle_timeout,
+                guard.idle.idle_timeout,
                 _recommend(alive, closed, server_timeout),
             )
         )
@@ -218,7 +218,7 @@ class _Connect(t.Protocol):
     ) -> T: ...
 
 
-def _connector(guard: BindGuard, engine: sa.engine.Engine) -> _Connect:
+def _connector(guard: PoolGuard, engine: sa.engine.Engine) -> _Connect:
     """Opens DBAPI connections as the app's pool does, but outside it, and runs
     ``prepare`` on each, all within the bind's time limit.
 

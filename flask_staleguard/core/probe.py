@@ -67,7 +67,7 @@ def socket_fd(dbapi_connection: t.Any) -> int | None:
     PyMySQL keeps it in ``_sock`` (there is no public accessor); mysqlclient,
     psycopg and psycopg2 have ``fileno()``.
     """
-    from ._private import pymysql_socket
+    from .._private import pymysql_socket
 
     try:
         sock = pymysql_socket(dbapi_connection)
@@ -87,7 +87,7 @@ def uses_tls(dbapi_connection: t.Any) -> bool | None:
     Over TLS an idle connection may have bytes waiting that are no reply at all
     (TLS 1.3 session tickets, alerts).
     """
-    from ._private import pymysql_socket
+    from .._private import pymysql_socket
 
     sock = pymysql_socket(dbapi_connection)
     if sock is None:

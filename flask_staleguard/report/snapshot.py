@@ -7,34 +7,26 @@ the schema documented in ``docs/cli.md``; :data:`SCHEMA` numbers its version.
 
 from __future__ import annotations
 
-import math
 import typing as t
 
 import sqlalchemy as sa
 from flask import current_app
 from flask import Flask
-from flask import has_app_context
 from sqlalchemy.pool import QueuePool
 
-from . import _private
-from .bind_guard import BindGuard
-from .extension import get_state
+from .. import _private
+from ..core.guard import PoolGuard
+from ..core.units import seconds_value
+from ..errors import UnknownBind
+from ..extension.config import BindKey
+from ..extension.state import current_app_is
+from ..extension.state import get_state
+from .document import Report
+from .document import SCHEMA
 from .server_facts import read_server
-from .settings import BindKey
-
-#: The version of the JSON schema; it changes only when a field is removed or
-#: changes meaning (added fields keep it).
-SCHEMA = 1
-
-#: One bind's facts, as the JSON document has them.
-Report = dict[str, t.Any]
 
 
-class UnknownBind(LookupError):
-    """``--bind`` named a bind the app does not have."""
-
-
-def select_binds(app: Flask, name: str | None = None) -> list[BindGuard]:
+def select_binds(app: Flask, name: str | None = None) -> list[PoolGuard]:
     """The app's bind guards, default bind first; only ``name``'s when given."""
     state = get_state(app)
     binds = sorted(state.binds.values(), key=lambda b: (b.key is not None, b.name))
@@ -55,7 +47,7 @@ def engine_for(app: Flask, key: BindKey) -> sa.engine.Engine:
             "Flask-SQLAlchemy is not initialised on this app; call"
             " 'db.init_app(app)' first."
         )
-    if has_app_context() and current_app._get_current_object() is app:  # type: ignore[attr-defined]
+    if current_app_is(app):
         return t.cast(sa.engine.Engine, db.engines[key])
     # Pushing a context of our own inside another app's would be harmless, but
     # inside this app's request it would run the teardowns a second time.
@@ -110,7 +102,7 @@ def pool_snapshot(
     return {"schema": SCHEMA, "binds": binds}
 
 
-def _identity(guard: BindGuard, engine: sa.engine.Engine) -> Report:
+def _identity(guard: PoolGuard, engine: sa.engine.Engine) -> Report:
     return {
         "bind": guard.name,
         "dialect": engine.dialect.name,
@@ -119,7 +111,7 @@ def _identity(guard: BindGuard, engine: sa.engine.Engine) -> Report:
     }
 
 
-def _pool_facts(pool: sa.pool.Pool, guard: BindGuard) -> Report:
+def _pool_facts(pool: sa.pool.Pool, guard: PoolGuard) -> Report:
     facts: Report = {
         "pool_class": type(pool).__name__,
         "size": None,
@@ -127,7 +119,7 @@ def _pool_facts(pool: sa.pool.Pool, guard: BindGuard) -> Report:
         "pool_timeout": None,
         "checked_in": None,
         # The guard tracks checkouts on every pool class, not only QueuePool.
-        "checked_out": len(guard.checked_out),
+        "checked_out": len(guard.holders.checked_out),
         "overflow": None,
     }
     if isinstance(pool, QueuePool):
@@ -143,12 +135,12 @@ def _pool_facts(pool: sa.pool.Pool, guard: BindGuard) -> Report:
     return facts
 
 
-def _guard_facts(guard: BindGuard, pool: sa.pool.Pool) -> Report:
+def _guard_facts(guard: PoolGuard, pool: sa.pool.Pool) -> Report:
     if guard.kind == "sqlite":
         source = None
-    elif not guard.discovers:
+    elif not guard.idle.discovers:
         source = "declared"
-    elif guard.provisional:
+    elif guard.idle.provisional:
         source = "assumed"
     elif guard.strategy == "off":
         source = None  # the "off" strategy does not ask the server
@@ -157,10 +149,10 @@ def _guard_facts(guard: BindGuard, pool: sa.pool.Pool) -> Report:
     recycle = _private.pool_option(pool, "pool_recycle")
     return {
         "strategy": guard.strategy,
-        "server_timeout": _number(guard.server_timeout),
+        "server_timeout": seconds_value(guard.idle.server_timeout),
         "server_timeout_source": source,
-        "idle_timeout": _number(guard.idle_timeout),
-        "idle_budget": _number(guard.budget),
+        "idle_timeout": seconds_value(guard.idle.idle_timeout),
+        "idle_budget": seconds_value(guard.idle.seconds),
         "pool_recycle": recycle if isinstance(recycle, int) else float(recycle),
         "pre_ping": bool(_private.pool_option(pool, "pool_pre_ping")),
         "applied": dict(guard.applied),
@@ -170,10 +162,3 @@ def _guard_facts(guard: BindGuard, pool: sa.pool.Pool) -> Report:
         "notes": [],
         "error": None,
     }
-
-
-def _number(value: float | None) -> float | None:
-    """Seconds as a JSON number; ``None`` (null) for "no timer"."""
-    if value is None or math.isinf(value):
-        return None
-    return float(value)

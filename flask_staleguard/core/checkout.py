@@ -1,0 +1,219 @@
+"""The checks at checkout: keep a stale connection from the app, with no round trip.
+
+At checkout, a pooled connection is replaced before the app sees it when it idled
+past its budget, or when its socket shows the other side closed it. Replacing
+means raising :class:`~sqlalchemy.exc.DisconnectionError` from the ``checkout``
+event: SQLAlchemy then discards the connection and opens a new one, once. A brand
+new connection is never rejected, or that one retry would be spent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import typing as t
+
+from sqlalchemy import event
+from sqlalchemy.exc import DisconnectionError
+
+from ..errors import NoAnswer
+from ..metrics.stats import BindStats
+from . import probe
+from .budget import IdleBudget
+from .deadline import shut_down_after
+from .discovery import session_idle_timeout
+
+logger = logging.getLogger("flask_staleguard")
+
+#: The key of a connection record's :class:`ConnectionState` in its ``info``.
+#: SQLAlchemy clears ``info`` whenever it replaces the DBAPI connection, so a
+#: missing state means a brand new connection.
+STATE = "staleguard"
+
+_pid = os.getpid()
+
+
+def _note_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+# Cheaper than os.getpid() on every checkout.
+os.register_at_fork(after_in_child=_note_fork)
+
+
+class ConnectionState:
+    """What the guard knows about one pooled DBAPI connection."""
+
+    __slots__ = ("pid", "budget", "probe", "tls", "returned", "idle")
+
+    def __init__(
+        self,
+        pid: int,
+        budget: float,
+        socket_probe: probe.SocketProbe | None,
+        tls: bool | None = None,
+    ) -> None:
+        #: The process that opened it.
+        self.pid = pid
+        #: Its idle budget in seconds, from its own session's timeout.
+        self.budget = budget
+        #: Its socket's liveness check; ``None`` when the driver hides the socket.
+        self.probe = socket_probe
+        #: Whether it runs over TLS; ``None`` when the driver does not say.
+        self.tls = tls
+        #: ``time.monotonic()`` of its last checkin; ``None`` until the first.
+        self.returned: float | None = None
+        #: Seconds it had idled before its latest checkout.
+        self.idle: float | None = None
+
+
+#: Replaces a connection: counts, logs and signals ``reason`` and returns the
+#: error to raise from the ``checkout`` event.
+Replace = t.Callable[[str, t.Optional[float], str], DisconnectionError]
+
+
+class CheckoutChecks:
+    """The ``connect``, ``checkout`` and ``checkin`` listeners of one pool.
+
+    Every strategy but ``"off"`` learns each new connection's idle timeout and
+    times its idling; ``"guard"`` also checks it at checkout. Connections from
+    before a fork are dropped in every strategy.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        strategy: str,
+        timeout: float,
+        budget: IdleBudget,
+        stats: BindStats,
+        replace: Replace,
+        learn: t.Callable[[float | None], None],
+    ) -> None:
+        self._name = name
+        self._kind = kind
+        #: Seconds any exchange of the guard's own with the server may take.
+        self._timeout = timeout
+        self._budget = budget
+        self._stats = stats
+        self._replace = replace
+        self._learn = learn
+        self._guarding = strategy == "guard"
+        self._watching = strategy != "off"
+        self._dialect: t.Any = None
+
+    def attach(self, engine: t.Any) -> None:
+        """Listen to ``engine``'s pool. Listeners survive ``engine.dispose()``."""
+        self._dialect = engine.dialect
+        event.listen(engine, "connect", self._on_connect)
+        event.listen(engine, "checkout", self._on_checkout)
+        event.listen(engine, "checkin", self._on_checkin)
+
+    def _on_connect(self, dbapi_connection: t.Any, record: t.Any) -> None:
+        budget = self._budget.seconds
+        if self._watching and self._budget.discovers:
+            try:
+                timeout = self._session_timeout(dbapi_connection)
+            except NoAnswer:
+                raise  # the connection was shut down: the pool must not keep it
+            except Exception as e:  # never fail a connect over a diagnostic
+                logger.debug(
+                    "bind %s: could not read the idle timeout: %s", self._name, e
+                )
+            else:
+                budget = self._budget.for_timeout(timeout)
+                if self._budget.is_news(timeout):
+                    self._learn(timeout)
+        record.info[STATE] = self.state(dbapi_connection, budget)
+
+    def _session_timeout(self, dbapi_connection: t.Any) -> float | None:
+        """The new connection's idle timeout, asked within the time limit."""
+        with shut_down_after(dbapi_connection, self._timeout) as struck:
+            try:
+                return session_idle_timeout(dbapi_connection, self._kind)
+            except Exception:
+                if struck():
+                    raise NoAnswer(
+                        f"bind {self._name}: the server did not answer the guard's"
+                        f" query for its idle timeout within {self._timeout:g} s"
+                        " (STALEGUARD_DISCOVERY_TIMEOUT); the connection was closed"
+                    ) from None
+                raise
+
+    def state(self, dbapi_connection: t.Any, budget: float) -> ConnectionState:
+        """A new connection's state: its budget and, to guard it, its socket."""
+        socket_probe = None
+        tls = None
+        if self._guarding:
+            fd = probe.socket_fd(dbapi_connection)
+            socket_probe = None if fd is None else probe.SocketProbe(fd)
+            tls = probe.uses_tls(dbapi_connection)
+        return ConnectionState(_pid, budget, socket_probe, tls)
+
+    # The two listeners below run for every checkout: every attribute lookup and
+    # call counts, so they are written flat.
+
+    def _on_checkout(
+        self, dbapi_connection: t.Any, record: t.Any, proxy: t.Any
+    ) -> None:
+        self._stats.checkouts += 1
+        state = record.info.get(STATE)
+        if state is None or state.returned is None:
+            return  # brand new: rejecting it would spend SQLAlchemy's one retry
+        if state.pid != _pid:
+            # Closing the parent's socket would send COM_QUIT on the parent's
+            # connection; drop it instead (SQLAlchemy's multiprocessing recipe).
+            record.dbapi_connection = proxy.dbapi_connection = None
+            raise self._replace("fork", None, "")
+        idle = state.idle = time.monotonic() - state.returned
+        if self._guarding:
+            if idle > state.budget:
+                raise self._replace("idle_budget", idle, "")
+            socket_probe = state.probe
+            # poll(0) is the whole check when the socket is quiet, as it is for a
+            # live idle connection: called directly, no Python frame.
+            if socket_probe is not None and socket_probe.poll(0):
+                self._judge(socket_probe.peek(), dbapi_connection, state)
+
+    def _on_checkin(self, dbapi_connection: t.Any, record: t.Any) -> None:
+        if dbapi_connection is not None:
+            state = record.info.get(STATE)
+            if state is None:  # opened before the guard attached to its engine
+                state = record.info[STATE] = self.state(
+                    dbapi_connection, self._budget.seconds
+                )
+            state.returned = time.monotonic()
+
+    def _judge(
+        self,
+        verdict: tuple[str, bytes],
+        dbapi_connection: t.Any,
+        state: ConnectionState,
+    ) -> None:
+        """Replace a connection whose socket spoke while idle, unless a ping says no."""
+        reason, data = verdict
+        idle = t.cast(float, state.idle)
+        if reason != probe.UNKNOWN:
+            raise self._replace(reason, idle, "")
+        detail = ""
+        if self._kind == "mysql":
+            reason, detail = probe.mysql_verdict(data, state.tls)
+            if reason != probe.UNKNOWN:
+                raise self._replace(reason, idle, detail)
+        # Bytes nobody can classify here (TLS records, a NOTIFY): one real ping
+        # decides, rather than trusting or discarding blindly; within the time
+        # limit, as a silently dropped path would never answer.
+        with shut_down_after(dbapi_connection, self._timeout) as struck:
+            try:
+                alive = self._dialect.do_ping(dbapi_connection)
+            except Exception:
+                alive = False
+        if struck():
+            raise self._replace(
+                "probe_ping_timeout", idle, f"no answer within {self._timeout:g} s"
+            )
+        if not alive:
+            raise self._replace("probe_ping_failed", idle, detail)

@@ -1,0 +1,186 @@
+"""Who holds each checked-out connection, since when and where: leak tracking.
+
+The integration says who the current holder is (Flask: the app context) through
+the ``owner`` and ``request`` callables; outside any, a connection is held by
+"nobody", and :attr:`Holders.threshold` reports it once it has been out too long.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import typing as t
+import weakref
+
+from sqlalchemy import event
+
+from .._private import leave_error_for_holder
+from ..errors import LeakError
+from . import probe
+from .sites import checkout_site
+from .sites import format_site
+from .sites import Site
+from .units import seconds_text
+
+logger = logging.getLogger("flask_staleguard")
+
+
+class Checkout(t.NamedTuple):
+    """A connection the app holds: who took it, where, and when."""
+
+    #: The app context that took it, or ``None``.
+    context: t.Any
+    #: The app's frames that took it, when recorded.
+    site: Site
+    at: float
+    #: The request that took it, while the bind names leaks by request.
+    request: t.Any
+    #: A weak reference to the proxy the holder has (SQLAlchemy's pool proxy).
+    proxy: weakref.ref[t.Any]
+
+
+def _nobody() -> None:
+    return None
+
+
+class Holders:
+    """The connections of one pool checked out now, and what to do with leaks."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        threshold: float | None = None,
+        record_sites: bool = False,
+        owner: t.Callable[[], t.Any] | None = None,
+        request: t.Callable[[], t.Any] | None = None,
+        describe: t.Callable[[t.Any], str] | None = None,
+    ) -> None:
+        self.name = name
+        #: Seconds a connection may be held by nobody before it is reported.
+        self.threshold = threshold
+        #: Connections checked out now, with who took them, where and when: the
+        #: fields of a :class:`Checkout`, as a plain tuple (cheaper to build).
+        self.checked_out: dict[
+            t.Any, tuple[t.Any, Site, float, t.Any, weakref.ref[t.Any]]
+        ] = {}
+        #: Whether checkouts by an owner record their site: from the pool's first
+        #: leak on, or from the start (``record_sites``, for test suites).
+        self.sites = record_sites
+        self._owner = owner or _nobody
+        self._request = request or _nobody
+        self._describe = describe or repr
+        self._held_scan = 0.0
+        self._reported: dict[t.Any, tuple[t.Any, ...]] = {}
+
+    def attach(self, engine: t.Any) -> None:
+        """Listen to ``engine``'s pool (after the checks: a rejected connection
+        was never held).
+        """
+        event.listen(engine, "checkout", self._on_checkout)
+        event.listen(engine, "checkin", self._on_return)
+        event.listen(engine, "detach", self._on_return)
+
+    def _on_checkout(
+        self, dbapi_connection: t.Any, record: t.Any, proxy: t.Any
+    ) -> None:
+        owner = self._owner()
+        if owner is not None:
+            # The stack walk is most of a checkout's cost, so it waits for the
+            # pool's first leak; that one is reported by its request instead.
+            sites = self.sites
+            self.checked_out[record] = (
+                owner,
+                checkout_site() if sites else (),
+                time.monotonic(),
+                None if sites else self._request(),
+                weakref.ref(proxy),
+            )
+        else:
+            held = self.threshold is not None
+            self.checked_out[record] = (
+                None,
+                checkout_site() if held else (),
+                time.monotonic(),
+                None,
+                weakref.ref(proxy),
+            )
+        if self.threshold is not None:
+            self._report_held()
+
+    def _on_return(self, dbapi_connection: t.Any, record: t.Any) -> None:
+        self.checked_out.pop(record, None)
+
+    def leaks_of(self, owner: t.Any) -> list[tuple[t.Any, Checkout]]:
+        """Connections checked out by ``owner`` and still out."""
+        return [
+            (r, Checkout(*c))
+            for r, c in self.checked_out.copy().items()
+            if c[0] is owner
+        ]
+
+    def where(self, checkout: Checkout) -> str:
+        """``at file:line in function ...``, or the request that took it."""
+        if checkout.site or checkout.request is None:
+            return f"at {format_site(checkout.site)}"
+        return self._describe(checkout.request)
+
+    def forget_owner(self, record: t.Any, checkout: Checkout) -> None:
+        """From now on ``record``'s connection is held by nobody (reported once)."""
+        if self.checked_out.get(record) == tuple(checkout):
+            self.checked_out[record] = (
+                None,
+                checkout.site,
+                checkout.at,
+                None,
+                checkout.proxy,
+            )
+
+    def take_back(self, record: t.Any, proxy: t.Any, message: str) -> None:
+        """Close a leaked connection under its holder and free its pool slot.
+
+        It is never handed to anyone else: the holder's next use raises
+        :class:`~flask_staleguard.ConnectionReclaimed` with ``message``.
+        """
+        try:
+            dbapi_connection = proxy.dbapi_connection
+            if dbapi_connection is not None:
+                # Shut the socket first: a holder busy on it in another thread
+                # fails at once, and the driver's goodbye can never interleave
+                # with its bytes.
+                fd = probe.socket_fd(dbapi_connection)
+                if fd is not None:
+                    probe.shut_down(fd)
+                proxy.invalidate(LeakError(message))
+                leave_error_for_holder(proxy, message)
+        except Exception as e:
+            logger.warning(
+                "bind %s: could not close the leaked connection: %s", self.name, e
+            )
+        self.checked_out.pop(record, None)
+
+    def _report_held(self) -> None:
+        """Report connections held by nobody past the threshold."""
+        now = time.monotonic()
+        if now - self._held_scan < 1.0:
+            return
+        self._held_scan = now
+        threshold = t.cast(float, self.threshold)
+        held = self.checked_out.copy()
+        self._reported = {r: c for r, c in self._reported.items() if held.get(r) is c}
+        for record, raw in held.items():
+            checkout = Checkout(*raw)
+            if (
+                checkout.context is None
+                and now - checkout.at > threshold
+                and record not in self._reported
+            ):
+                self._reported[record] = raw
+                logger.warning(
+                    "bind %s: a connection checked out %s has been held for %.0f s"
+                    " (STALEGUARD_LEAK_THRESHOLD=%s)",
+                    self.name,
+                    self.where(checkout),
+                    now - checkout.at,
+                    seconds_text(threshold),
+                )

@@ -1,0 +1,3 @@
+"""Metrics: each pool's counters, the signals an app can count with, and the
+Prometheus exporter.
+"""
