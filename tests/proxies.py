@@ -100,6 +100,9 @@ class _Connection:
                         and self.proxy.drop_on in data
                     ):
                         self.dropping = True  # this chunk, and all after it
+                    elif src is self.client and self.proxy.closes_on(data):
+                        self.terminate("fin")  # as a KILL would, mid-query
+                        return
                     elif not self.dropping:
                         pending.append((time.monotonic() + delay, data))
                 if self.dropping:
@@ -155,6 +158,8 @@ class TcpProxy:
     way, FIN both sides / RST the client (FIN upstream) / silently forward nothing more.
     drop_on: once a client sends bytes containing this, forward nothing more on its
     connection, that chunk included (a server that stops answering mid-session).
+    close_on: the first ``closes`` times a client sends bytes containing this, close
+    its connection with a FIN instead of forwarding them (a KILL mid-query).
     """
 
     def __init__(
@@ -167,6 +172,8 @@ class TcpProxy:
         idle_reset: float | None = None,
         idle_drop: float | None = None,
         drop_on: bytes | None = None,
+        close_on: bytes | None = None,
+        closes: int = 1,
     ) -> None:
         if sum(x is not None for x in (idle_close, idle_reset, idle_drop)) > 1:
             raise ValueError("choose at most one of idle_close, idle_reset, idle_drop")
@@ -177,6 +184,8 @@ class TcpProxy:
         self.idle_reset = idle_reset
         self.idle_drop = idle_drop
         self.drop_on = drop_on
+        self.close_on = close_on
+        self.closes_left = closes
         self.connections_seen = 0
         self.stopping = threading.Event()
         self._lock = threading.Lock()
@@ -283,6 +292,16 @@ class TcpProxy:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+    def closes_on(self, data: bytes) -> bool:
+        """Whether a client's ``data`` closes its connection (see ``close_on``)."""
+        with self._lock:
+            if self.close_on is None or self.close_on not in data:
+                return False
+            if self.closes_left <= 0:
+                return False
+            self.closes_left -= 1
+            return True
 
     def _serve(self) -> None:
         assert self._listener is not None

@@ -160,3 +160,25 @@ def test_the_connect_time_query_ends_within_the_limit(
     assert isinstance(outcome, TimeoutError)
     assert "did not answer the guard's query for its idle timeout" in str(outcome)
     assert elapsed < LIMIT + SLACK
+
+
+def test_a_connection_lost_under_the_guards_query_is_not_kept(
+    make_app: AppFactory, mariadb_url: str
+) -> None:
+    # Lost exactly when the guard asks a new connection for its timeout (as a
+    # KILL could): kept, it would fail the app's statement with InterfaceError
+    # (0, '') instead of the disconnect that happened.
+    with TcpProxy(
+        "127.0.0.1", 3306, close_on=b"@@session.wait_timeout", closes=2
+    ) as proxy:
+        app, db = make_app(proxy.url_for(mariadb_url))  # the first close: discovery
+
+        @app.route("/q")
+        def query() -> str:
+            return str(db.session.execute(sa.text("SELECT 1")).scalar_one())
+
+        client = app.test_client()
+        lost = run_with_watchdog(lambda: client.get("/q"), 15)
+        assert isinstance(lost, sa.exc.OperationalError), repr(lost)
+        assert lost.orig.args[0] == 2013  # type: ignore[union-attr]
+        assert run_with_watchdog(lambda: client.get("/q"), 15).text == "1"

@@ -119,7 +119,12 @@ class CheckoutChecks:
                 timeout = self._session_timeout(dbapi_connection)
             except NoAnswer:
                 raise  # the connection was shut down: the pool must not keep it
-            except Exception as e:  # never fail a connect over a diagnostic
+            except Exception as e:
+                if self._lost(e, dbapi_connection):
+                    # Killed under the guard's query: kept, it would fail the
+                    # app's first statement with a less telling error.
+                    raise
+                # Otherwise never fail a connect over a diagnostic.
                 logger.debug(
                     "bind %s: could not read the idle timeout: %s", self._name, e
                 )
@@ -128,6 +133,13 @@ class CheckoutChecks:
                 if self._budget.is_news(timeout):
                     self._learn(timeout)
         record.info[STATE] = self.state(dbapi_connection, budget)
+
+    def _lost(self, error: Exception, dbapi_connection: t.Any) -> bool:
+        """Whether ``error`` left the new connection unusable."""
+        try:
+            return bool(self._dialect.is_disconnect(error, dbapi_connection, None))
+        except Exception:
+            return False
 
     def _session_timeout(self, dbapi_connection: t.Any) -> float | None:
         """The new connection's idle timeout, asked within the time limit."""
