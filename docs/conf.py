@@ -29,8 +29,8 @@ autodoc_preserve_defaults = True
 # BindKey and PerBind are aliases: show their names in signatures, not what they
 # expand to.
 autodoc_type_aliases = {
-    "BindKey": "flask_staleguard.settings.BindKey",
-    "PerBind": "flask_staleguard.settings.PerBind",
+    "BindKey": "flask_staleguard.extension.config.BindKey",
+    "PerBind": "flask_staleguard.extension.config.PerBind",
 }
 
 # Offline, other projects' objects cannot be linked; their names stay plain text.
@@ -40,7 +40,7 @@ nitpick_ignore_regex = [
     ("py:class", r"(Flask|Response|CollectorRegistry|TypeAliasForwardRef)"),
     ("py:class", r"(t|sa)\..*"),
     # A string annotation of an alias, as autodoc renders it, quotes included.
-    ("py:class", r"'flask_staleguard\.settings\.BindKey'"),
+    ("py:class", r"'flask_staleguard\.extension\.config\.BindKey'"),
 ]
 
 html_theme = "furo"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 
 class ConfigError(ValueError):
-    """A ``STALEGUARD_*`` key (or a :func:`protect` option) has a value the guard
-    cannot use. The message names the key and the values it accepts.
+    """A ``STALEGUARD_*`` key has a value the guard cannot use. The message
+    names the key and the values it accepts.
     """
 
 

@@ -16,7 +16,10 @@ _PLUMBING = ("flask_staleguard", "sqlalchemy", "flask_sqlalchemy", "flask", "wer
 
 
 def _folder(package: str) -> str | None:
-    spec = importlib.util.find_spec(package)
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # not installed, or half imported
+        return None
     if spec is None or not spec.origin:
         return None
     return os.path.dirname(spec.origin) + os.sep

@@ -106,7 +106,8 @@ class Settings:
     def for_binds(self, binds: t.Iterable[BindKey]) -> Settings:
         """These settings with per-bind dicts keyed by the app's real bind keys.
 
-        Raises :class:`ConfigError` for a key that names no bind of the app.
+        Raises :class:`~flask_staleguard.ConfigError` for a key that names no
+        bind of the app.
         """
         known = list(binds)
         return dataclasses.replace(

@@ -11,7 +11,7 @@ from blinker import Namespace
 _signals = Namespace()
 
 #: A stale connection was replaced at checkout. Keyword arguments: ``reason``
-#: (as :attr:`~flask_staleguard.stats.BindStats.replaced` lists them) and ``idle``
+#: (as :attr:`~flask_staleguard.metrics.stats.BindStats.replaced` lists them) and ``idle``
 #: (seconds, or ``None``).
 connection_replaced = _signals.signal("staleguard.connection-replaced")
 #: A statement failed because its connection was gone. Keyword arguments: ``code``
