@@ -11,8 +11,8 @@ from blinker import Namespace
 _signals = Namespace()
 
 #: A stale connection was replaced at checkout. Keyword arguments: ``reason``
-#: (as :attr:`~flask_staleguard.metrics.stats.BindStats.replaced` lists them) and ``idle``
-#: (seconds, or ``None``).
+#: (as :attr:`~flask_staleguard.metrics.stats.BindStats.replaced` lists them)
+#: and ``idle`` (seconds, or ``None``).
 connection_replaced = _signals.signal("staleguard.connection-replaced")
 #: A statement failed because its connection was gone. Keyword arguments: ``code``
 #: (``"2006"``, ``"2013"``, ``"4031"``, ``"reset"``, ...) and ``idle``.
