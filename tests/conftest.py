@@ -184,7 +184,7 @@ def raises(expected: type[BaseException], match: str = "") -> Iterator[None]:
     except BaseException as e:
         found = [
             error
-            for error in _flatten(e)
+            for error in flatten(e)
             if isinstance(error, expected) and re.search(match, str(error))
         ]
         if not found:
@@ -193,7 +193,14 @@ def raises(expected: type[BaseException], match: str = "") -> Iterator[None]:
         pytest.fail(f"DID NOT RAISE {expected.__name__}")
 
 
-def _flatten(error: BaseException) -> Iterator[BaseException]:
+def flatten(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and, if it is an exception group, everything inside it."""
     yield error
     for inner in getattr(error, "exceptions", ()):
-        yield from _flatten(inner)
+        yield from flatten(inner)
+
+
+def unwrapped(error: BaseException) -> BaseException:
+    """The one error inside Flask 3.2's teardown exception groups, else ``error``."""
+    leaves = [e for e in flatten(error) if not hasattr(e, "exceptions")]
+    return leaves[0] if len(leaves) == 1 else error

@@ -33,6 +33,7 @@ from sqlalchemy import event
 
 from flask_staleguard.core.checkout import STATE
 from tests.conftest import AppFactory
+from tests.conftest import unwrapped
 from tests.servers import MariaDBServer
 
 THREADS = 8
@@ -136,7 +137,8 @@ def client_thread(
                 response = client.get("/r")
             assert response.status_code == 200
         except Exception as e:
-            outcome.error = e
+            # Flask 3.2 wraps a teardown's error in exception groups.
+            outcome.error = unwrapped(e)
         outcome.end = time.monotonic()
         outcome.checkout = tracker.checkout
         outcome.first_statement = tracker.first_statement
