@@ -92,6 +92,7 @@ class CheckoutChecks:
         stats: BindStats,
         replace: Replace,
         learn: t.Callable[[float | None], None],
+        clock: t.Callable[[], float] = time.monotonic,
     ) -> None:
         self._name = name
         self._kind = kind
@@ -101,6 +102,7 @@ class CheckoutChecks:
         self._stats = stats
         self._replace = replace
         self._learn = learn
+        self._clock = clock
         self._guarding = strategy == "guard"
         self._watching = strategy != "off"
         self._dialect: t.Any = None
@@ -180,7 +182,7 @@ class CheckoutChecks:
             # connection; drop it instead (SQLAlchemy's multiprocessing recipe).
             record.dbapi_connection = proxy.dbapi_connection = None
             raise self._replace("fork", None, "")
-        idle = state.idle = time.monotonic() - state.returned
+        idle = state.idle = self._clock() - state.returned
         if self._guarding:
             if idle > state.budget:
                 raise self._replace("idle_budget", idle, "")
@@ -197,7 +199,7 @@ class CheckoutChecks:
                 state = record.info[STATE] = self.state(
                     dbapi_connection, self._budget.seconds
                 )
-            state.returned = time.monotonic()
+            state.returned = self._clock()
 
     def _judge(
         self,

@@ -11,6 +11,7 @@ options; the work is done by its pieces, each attached to the pool's events:
 from __future__ import annotations
 
 import logging
+import time
 import typing as t
 import weakref
 
@@ -42,6 +43,8 @@ class PoolGuard:
         context), or ``None``; leaks are judged per owner.
     :param request: Returns the request being served, or ``None``.
     :param describe: Words for a request, in leak reports.
+    :param clock: Seconds on a monotonic clock: ``time.monotonic``, or a fake
+        one in tests of the timing logic.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class PoolGuard:
         owner: t.Callable[[], t.Any] | None = None,
         request: t.Callable[[], t.Any] | None = None,
         describe: t.Callable[[t.Any], str] | None = None,
+        clock: t.Callable[[], float] = time.monotonic,
     ) -> None:
         self.key = key
         #: The pool's name in logs and output.
@@ -86,6 +90,7 @@ class PoolGuard:
             owner=owner,
             request=request,
             describe=describe,
+            clock=clock,
         )
         self._checks = CheckoutChecks(
             name,
@@ -96,6 +101,7 @@ class PoolGuard:
             self.stats,
             self._replace,
             self._learn,
+            clock,
         )
         self._reports = DisconnectReports(
             self, kind, self.strategy, self.idle, self.stats

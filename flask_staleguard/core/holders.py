@@ -55,6 +55,7 @@ class Holders:
         owner: t.Callable[[], t.Any] | None = None,
         request: t.Callable[[], t.Any] | None = None,
         describe: t.Callable[[t.Any], str] | None = None,
+        clock: t.Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         #: Seconds a connection may be held by nobody before it is reported.
@@ -70,6 +71,7 @@ class Holders:
         self._owner = owner or _nobody
         self._request = request or _nobody
         self._describe = describe or repr
+        self._clock = clock
         self._held_scan = 0.0
         self._reported: dict[t.Any, tuple[t.Any, ...]] = {}
 
@@ -92,7 +94,7 @@ class Holders:
             self.checked_out[record] = (
                 owner,
                 checkout_site() if sites else (),
-                time.monotonic(),
+                self._clock(),
                 None if sites else self._request(),
                 weakref.ref(proxy),
             )
@@ -101,7 +103,7 @@ class Holders:
             self.checked_out[record] = (
                 None,
                 checkout_site() if held else (),
-                time.monotonic(),
+                self._clock(),
                 None,
                 weakref.ref(proxy),
             )
@@ -161,7 +163,7 @@ class Holders:
 
     def _report_held(self) -> None:
         """Report connections held by nobody past the threshold."""
-        now = time.monotonic()
+        now = self._clock()
         if now - self._held_scan < 1.0:
             return
         self._held_scan = now
