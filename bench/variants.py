@@ -11,8 +11,6 @@ apples to apples; only the connection-pool protection differs:
     StaleGuard, ``STALEGUARD_STRATEGY="recycle"``: the derived ``pool_recycle`` only.
 ``guard``
     StaleGuard's default strategy: idle budget and socket poll at checkout.
-
-An extra variant for profiling: ``off`` (StaleGuard's bookkeeping, no checks).
 """
 
 from __future__ import annotations
@@ -29,11 +27,8 @@ from sqlalchemy import event
 
 from flask_staleguard import StaleGuard
 
-#: The variants the issue asks for, in report order.
-CORE = ("bare", "pre_ping", "recycle", "guard")
-#: Variants used only to explain costs.
-EXTRA = ("off",)
-ALL = CORE + EXTRA
+#: The variants, in report order.
+ALL = ("bare", "pre_ping", "recycle", "guard")
 
 SELECT_1 = sa.text("SELECT 1")
 _names = itertools.count()
@@ -72,24 +67,14 @@ class BenchApp:
         self.engine.dispose()
 
 
-def build(
-    variant: str,
-    url: str,
-    *,
-    engine_options: t.Mapping[str, t.Any] | None = None,
-    config: t.Mapping[str, t.Any] | None = None,
-) -> BenchApp:
+def build(variant: str, url: str) -> BenchApp:
     """Build ``variant``'s app against ``url`` (StaleGuard first, as documented)."""
     if variant not in ALL:
         raise ValueError(f"unknown variant {variant!r}; choose from {ALL}")
     app = Flask(f"bench_{variant}_{next(_names)}")
     app.config["SQLALCHEMY_DATABASE_URI"] = url
-    options = dict(engine_options or {})
     if variant == "pre_ping":
-        options["pool_pre_ping"] = True
-    if options:
-        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
-    app.config.update(config or {})
+        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {"pool_pre_ping": True}
     if variant != "bare" and variant != "pre_ping":
         app.config["STALEGUARD_STRATEGY"] = variant
         StaleGuard(app)
@@ -107,10 +92,6 @@ def build(
     return bench_app
 
 
-def build_all(
-    variants: t.Iterable[str],
-    url: str,
-    **kwargs: t.Any,
-) -> dict[str, BenchApp]:
+def build_all(variants: t.Iterable[str], url: str) -> dict[str, BenchApp]:
     """Build each of ``variants`` against ``url``."""
-    return {v: build(v, url, **kwargs) for v in variants}
+    return {v: build(v, url) for v in variants}
