@@ -16,6 +16,7 @@ software; ``python -m pyperf stats|metadata FILE``) and ``.log`` (progress).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import shlex
 import subprocess
@@ -223,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     base.with_suffix(".md").write_text(summary + "\n")
     if benchmarks:
         meta = {"commit": commit, "mariadb": mariadb, "command": command.strip()}
+        for package in ("flask", "flask-sqlalchemy", "sqlalchemy", "pymysql"):
+            meta[package] = importlib.metadata.version(package)
         for bench in benchmarks:
             bench.update_metadata(meta)
         report.write_suite(benchmarks, str(base.with_suffix(".json")))
