@@ -36,11 +36,13 @@ _names = itertools.count()
 
 @dataclasses.dataclass
 class BenchApp:
-    """One variant's app, its ``SQLAlchemy`` and a count of new DBAPI connections."""
+    """One variant's app, its ``SQLAlchemy``, its guard (if any) and a count of
+    new DBAPI connections."""
 
     variant: str
     app: Flask
     db: SQLAlchemy
+    guard: StaleGuard | None = None
     connects: int = 0
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
@@ -52,10 +54,9 @@ class BenchApp:
 
     def guard_stats(self) -> dict[str, t.Any] | None:
         """StaleGuard's counters for the default bind, or ``None`` without the guard."""
-        state = self.app.extensions.get("staleguard")
-        if state is None:
+        if self.guard is None:
             return None
-        return t.cast(dict[str, t.Any], state.guard.stats(self.app).get("default"))
+        return t.cast(dict[str, t.Any], self.guard.stats(self.app).get("default"))
 
     def request(self, statement: sa.TextClause = SELECT_1) -> None:
         """One request-shaped unit: app context, checkout, statement, checkin."""
@@ -75,12 +76,13 @@ def build(variant: str, url: str) -> BenchApp:
     app.config["SQLALCHEMY_DATABASE_URI"] = url
     if variant == "pre_ping":
         app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {"pool_pre_ping": True}
+    guard = None
     if variant != "bare" and variant != "pre_ping":
         app.config["STALEGUARD_STRATEGY"] = variant
-        StaleGuard(app)
+        guard = StaleGuard(app)
     db = SQLAlchemy()
     db.init_app(app)
-    bench_app = BenchApp(variant, app, db)
+    bench_app = BenchApp(variant, app, db, guard)
 
     # A connect listener fires only for new DBAPI connections, never per checkout,
     # so it leaves bare's checkout path free of listeners.
