@@ -234,9 +234,11 @@ def classify(outcome: Outcome, faults: Faults) -> str:
             if any(outcome.start <= done <= outcome.end for done in unseen):
                 return "kill_race"
             return "stale"  # no connection at all, and the server was up
+        # Born in this request: the server lists it (as idle, to the killer)
+        # from its handshake on, before the driver's connect returns.
         connected, cid = outcome.connected
         kill = faults.kills.get(cid)
-        return "kill_race" if kill and kill[1] >= connected else "stale"
+        return "kill_race" if kill and kill[1] >= outcome.start else "stale"
     checked_out, cid = outcome.checkout
     kill = faults.kills.get(cid)
     if kill is None:
