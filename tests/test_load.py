@@ -191,9 +191,14 @@ def restarter(server: MariaDBServer, faults: Faults, outcomes: list[Outcome]) ->
     while len(outcomes) < THREADS * 25 and time.monotonic() < deadline:
         time.sleep(0.01)
     began = time.monotonic()
-    server.restart()
+    # A restart forgets SET GLOBAL: the restarted server gets wait_timeout from
+    # its command line, so no connection sees 28800 s in between.
+    server.extra_args.append("--wait-timeout=1")
+    try:
+        server.restart()
+    finally:
+        server.extra_args.remove("--wait-timeout=1")
     faults.restart = (began, time.monotonic())
-    server.set_global("wait_timeout", 1)  # a restart forgets SET GLOBAL
 
 
 @pytest.fixture()

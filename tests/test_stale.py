@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import typing as t
 
 import pytest
 import sqlalchemy as sa
@@ -190,3 +191,33 @@ def test_connection_pooled_before_the_guard_is_guarded_after_its_checkin(
         assert bind.stats.replaced == {"idle_budget": 1}
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_a_new_connection_killed_before_its_first_checkout(
+    make_app: AppFactory, mariadb: MariaDBServer, guard: bool
+) -> None:
+    # KILLed right after its connect, before the app ever used it: it never
+    # idled, but its socket already shows the FIN.
+    app, db = make_app(mariadb.url, guard=guard, SQLALCHEMY_ENGINE_OPTIONS=POOL)
+    add_query_route(app, db)
+    killed: list[int] = []
+    with app.app_context():
+        engine = db.engine
+
+    @sa.event.listens_for(engine, "connect")
+    def kill_the_first(dbapi_connection: t.Any, record: t.Any) -> None:
+        if not killed:
+            killed.append(dbapi_connection.thread_id())
+            mariadb.execute(f"KILL {killed[0]}")
+            time.sleep(0.2)  # the FIN arrives
+
+    if guard:
+        (served,) = request_ids(app, 1)
+        assert served != killed[0]
+        assert app.extensions["staleguard"].guard.stats(app)["default"]["replaced"] == {
+            "probe_eof": 1
+        }
+    else:
+        with pytest.raises(sa.exc.OperationalError):
+            app.test_client().get("/q")

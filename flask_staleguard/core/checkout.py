@@ -4,7 +4,8 @@ At checkout, a pooled connection is replaced before the app sees it when it idle
 past its budget, or when its socket shows the other side closed it. Replacing
 means raising :class:`~sqlalchemy.exc.DisconnectionError` from the ``checkout``
 event: SQLAlchemy then discards the connection and opens a new one, once. A brand
-new connection is never rejected, or that one retry would be spent.
+new connection is rejected only when its socket shows it is already gone: the
+one retry is not spent on a guess.
 """
 
 from __future__ import annotations
@@ -202,8 +203,15 @@ class CheckoutChecks:
     ) -> None:
         self._stats.checkouts += 1
         state = record.info.get(STATE)
-        if state is None or state.returned is None:
-            return  # brand new: rejecting it would spend SQLAlchemy's one retry
+        if state is None:
+            return  # opened before the guard attached: its state comes at checkin
+        if state.returned is None:
+            # Brand new: it has not idled, but a KILL or a restart between its
+            # connect and this checkout already shows on its socket.
+            socket_probe = state.probe
+            if self._guarding and socket_probe is not None and socket_probe.poll(0):
+                self._judge(socket_probe.peek(), dbapi_connection, state)
+            return
         if state.pid != _pid:
             # Closing the parent's socket would send COM_QUIT on the parent's
             # connection; drop it instead (SQLAlchemy's multiprocessing recipe).
@@ -236,7 +244,7 @@ class CheckoutChecks:
     ) -> None:
         """Replace a connection whose socket spoke while idle, unless a ping says no."""
         reason, data = verdict
-        idle = t.cast(float, state.idle)
+        idle = state.idle
         if reason != probe.UNKNOWN:
             raise self._replace(reason, idle, "")
         detail = ""
