@@ -15,7 +15,7 @@ from flask_staleguard.report.check import Problem
 from flask_staleguard.report.snapshot import pool_report
 from tests.clitools import invoke
 from tests.clitools import run_flask
-from tests.conftest import AppFactory
+from tests.helpers import AppFactory
 from tests.servers import APP_PASSWORD
 from tests.servers import free_port
 from tests.servers import MariaDBServer

@@ -17,8 +17,9 @@ from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_staleguard.core.disconnects import disconnect_label
-from tests.conftest import AppFactory
-from tests.conftest import connection_id
+from tests.helpers import AppFactory
+from tests.helpers import connection_id
+from tests.helpers import stats
 from tests.servers import MariaDBServer
 
 POOL = {"pool_size": 2, "max_overflow": 0}
@@ -96,7 +97,7 @@ def test_kill_mid_request_is_counted_and_explained(
         app.test_client().get("/killed")
     code = info.value.orig.args[0]  # type: ignore[union-attr]
     assert code in (2006, 2013)
-    disconnects = app.extensions["staleguard"].binds[None].stats.disconnects
+    disconnects = stats(app)["disconnects"]
     assert disconnects == {str(code): 1}
     lines = [
         r.getMessage() for r in guard_log.records if "connection lost" in r.message
@@ -119,7 +120,7 @@ def test_strategy_off_still_counts_disconnects(
     with pytest.raises(sa.exc.OperationalError):
         app.test_client().get("/killed")
     # Strategy "off" still counts: statistics stay on.
-    assert sum(app.extensions["staleguard"].binds[None].stats.disconnects.values()) == 1
+    assert sum(stats(app)["disconnects"].values()) == 1
 
 
 def test_connections_older_than_a_disconnect_are_replaced(
@@ -166,7 +167,7 @@ def test_mariadb_4031_is_not_a_disconnect(
             # The same connection keeps working: it was never treated as gone.
             conn.rollback()
             assert conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one() == cid
-        assert app.extensions["staleguard"].binds[None].stats.disconnects == {}
+        assert stats(app)["disconnects"] == {}
     finally:
         mariadb.execute("DROP TABLE IF EXISTS trg_4031")
 

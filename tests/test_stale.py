@@ -5,61 +5,32 @@ All against the private MariaDB, whose timeouts these tests change.
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import pytest
 import sqlalchemy as sa
-from flask import Flask
-from flask_sqlalchemy import SQLAlchemy
 
 from flask_staleguard.core.guard import PoolGuard
 from flask_staleguard.core.options import GuardOptions
 from flask_staleguard.core.redact import Secrets
-from tests.conftest import AppFactory
-from tests.conftest import connection_id
-from tests.conftest import is_gone_error
+from tests.helpers import add_route
+from tests.helpers import AppFactory
+from tests.helpers import connection_id
+from tests.helpers import is_gone_error
+from tests.helpers import pool_json
+from tests.helpers import replaced
+from tests.helpers import request_ids
+from tests.helpers import warm
 from tests.servers import MariaDBServer
 
 POOL = {"pool_size": 4, "max_overflow": 0}
-
-
-def add_query_route(app: Flask, db: SQLAlchemy) -> None:
-    @app.route("/q")
-    def query() -> str:
-        return str(db.session.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one())
-
-
-def warm(app: Flask, db: SQLAlchemy, n: int = 4) -> set[int]:
-    """Fill the pool with ``n`` distinct connections; return their server ids."""
-    with app.app_context(), contextlib.ExitStack() as stack:
-        conns = [stack.enter_context(db.engine.connect()) for _ in range(n)]
-        return {
-            int(c.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one())
-            for c in conns
-        }
-
-
-def request_ids(app: Flask, n: int) -> list[int]:
-    client = app.test_client()
-    ids = []
-    for _ in range(n):
-        response = client.get("/q")
-        assert response.status_code == 200
-        ids.append(int(response.text))
-    return ids
-
-
-def stats(app: Flask) -> dict[str, int]:
-    replaced: dict[str, int] = app.extensions["staleguard"].binds[None].stats.replaced
-    return replaced
 
 
 def test_without_guard_the_bug_reproduces(
     make_app: AppFactory, short_timeout: MariaDBServer
 ) -> None:
     app, db = make_app(short_timeout.url, guard=False, SQLALCHEMY_ENGINE_OPTIONS=POOL)
-    add_query_route(app, db)
+    add_route(app, db)
     warm(app, db)
     time.sleep(3)
     with pytest.raises(sa.exc.OperationalError) as info:
@@ -75,7 +46,7 @@ def test_strategy_off_does_not_protect(
     app, db = make_app(
         short_timeout.url, SQLALCHEMY_ENGINE_OPTIONS=POOL, STALEGUARD_STRATEGY=strategy
     )
-    add_query_route(app, db)
+    add_route(app, db)
     warm(app, db)
     time.sleep(3)
     with pytest.raises(sa.exc.OperationalError):
@@ -89,45 +60,45 @@ def test_idle_past_wait_timeout_every_request_succeeds(
     app, db = make_app(
         short_timeout.url, SQLALCHEMY_ENGINE_OPTIONS=POOL, STALEGUARD_STRATEGY=strategy
     )
-    add_query_route(app, db)
+    add_route(app, db)
     before = warm(app, db)
     time.sleep(3)
     after = request_ids(app, 8)
     assert not before & set(after)  # every stale connection was replaced
     if strategy == "guard":
-        assert stats(app).get("idle_budget", 0) >= 1
+        assert replaced(app).get("idle_budget", 0) >= 1
 
 
 def test_guard_budget_comes_from_the_session_timeout(
     make_app: AppFactory, short_timeout: MariaDBServer
 ) -> None:
     app, db = make_app(short_timeout.url, SQLALCHEMY_ENGINE_OPTIONS=POOL)
-    bind = app.extensions["staleguard"].binds[None]
-    assert bind.idle.server_timeout == 2
-    assert bind.idle.seconds == pytest.approx(1.8)
+    pool = pool_json(app)
+    assert (pool["server_timeout"], pool["server_timeout_source"]) == (2, "server")
+    assert pool["idle_budget"] == pytest.approx(1.8)
 
 
 def test_killed_idle_connections_are_replaced(
     make_app: AppFactory, mariadb: MariaDBServer
 ) -> None:
     app, db = make_app(mariadb.url, SQLALCHEMY_ENGINE_OPTIONS=POOL)
-    add_query_route(app, db)
+    add_route(app, db)
     before = warm(app, db)
     killed = mariadb.kill_connections()
     assert before <= set(killed)
     time.sleep(0.2)
     after = request_ids(app, 8)
     assert not before & set(after)
-    replaced = stats(app)
-    assert replaced.get("probe_eof", 0) + replaced.get("probe_reset", 0) >= 1
-    assert "idle_budget" not in replaced
+    seen = replaced(app)
+    assert seen.get("probe_eof", 0) + seen.get("probe_reset", 0) >= 1
+    assert "idle_budget" not in seen
 
 
 def test_without_guard_killed_connections_fail(
     make_app: AppFactory, mariadb: MariaDBServer
 ) -> None:
     app, db = make_app(mariadb.url, guard=False, SQLALCHEMY_ENGINE_OPTIONS=POOL)
-    add_query_route(app, db)
+    add_route(app, db)
     warm(app, db)
     mariadb.kill_connections()
     time.sleep(0.2)
@@ -139,7 +110,7 @@ def test_server_restart_is_survived(
     make_app: AppFactory, mariadb: MariaDBServer
 ) -> None:
     app, db = make_app(mariadb.url, SQLALCHEMY_ENGINE_OPTIONS=POOL)
-    add_query_route(app, db)
+    add_route(app, db)
     before = warm(app, db)
     mariadb.restart()
     after = request_ids(app, 8)
@@ -164,10 +135,10 @@ def test_idle_budget_alone_replaces_idle_keeps_busy(
             busy.append(connection_id(db))
         assert set(busy) == {first}
         time.sleep(1.8)
-        replaced = connection_id(db)
-        assert replaced != first
-        assert connection_id(db) == replaced
-    assert stats(app) == {"idle_budget": 1}
+        fresh = connection_id(db)
+        assert fresh != first
+        assert connection_id(db) == fresh
+    assert replaced(app) == {"idle_budget": 1}
 
 
 def test_connection_pooled_before_the_guard_is_guarded_after_its_checkin(
