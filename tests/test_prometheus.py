@@ -92,9 +92,16 @@ def test_one_exporter_per_app(make_app: AppFactory, mariadb_url: str) -> None:
     exporter = StaleGuardMetrics(app, registry=registry)
     with pytest.raises(RuntimeError, match="already registered"):
         exporter.init_app(app)
-    # Two apps share the registry's metrics.
-    other, _ = make_app(mariadb_url)
+    # Two apps share the registry's metrics: the second registers nothing twice,
+    # and both count into them.
+    other, other_db = make_app(mariadb_url)
     StaleGuardMetrics(other, registry=registry)
+    for each_app, each_db in ((app, db), (other, other_db)):
+        with each_app.app_context():
+            connection_id(each_db)
+    found = samples(generate(registry)[0].decode())
+    checkouts = found[("staleguard_checkouts_total", (("bind", "default"),))]
+    assert checkouts == stats(app)["checkouts"] + stats(other)["checkouts"] == 2
 
 
 METRICS_APP = """\
