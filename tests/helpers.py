@@ -120,6 +120,12 @@ def connection_id(db: SQLAlchemy, bind: str | None = None) -> int:
         return int(conn.execute(sa.text(MYSQL_ID)).scalar_one())
 
 
+def engine_connection_id(engine: sa.engine.Engine) -> int:
+    """The server-side id of the connection a checkout from ``engine`` gets."""
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text(MYSQL_ID)).scalar_one())
+
+
 def is_gone_error(error: BaseException) -> bool:
     """Whether ``error`` is the stale-connection failure the guard prevents."""
     orig = getattr(error, "orig", error)

@@ -15,7 +15,8 @@ from flask_staleguard.core.options import GuardOptions
 from flask_staleguard.core.redact import Secrets
 from tests.helpers import add_route
 from tests.helpers import AppFactory
-from tests.helpers import connection_id
+from tests.helpers import engine_connection_id
+from tests.helpers import FakeClock
 from tests.helpers import is_gone_error
 from tests.helpers import pool_json
 from tests.helpers import replaced
@@ -116,47 +117,59 @@ def test_server_restart_is_survived(
     assert not before & set(after)
 
 
-def test_idle_budget_alone_replaces_idle_keeps_busy(
-    make_app: AppFactory, mariadb: MariaDBServer
-) -> None:
-    # Nothing closes connections here (wait_timeout 28800): only the budget acts.
-    app, db = make_app(
-        mariadb.url,
-        SQLALCHEMY_ENGINE_OPTIONS={"pool_size": 1, "max_overflow": 0},
-        STALEGUARD_IDLE_TIMEOUT=1.5,
-        STALEGUARD_MARGIN=0,
-    )
-    with app.app_context():
-        first = connection_id(db)
+def test_idle_budget_alone_replaces_idle_keeps_busy(mariadb_url: str) -> None:
+    # Nothing closes connections here (wait_timeout 28800): only the budget acts,
+    # and its time is a fake clock's. The guard on a real Flask app beating a
+    # real server's timer is test_idle_past_wait_timeout_every_request_succeeds.
+    clock = FakeClock()
+    engine = sa.create_engine(mariadb_url, pool_size=1, max_overflow=0)
+    try:
+        guard = PoolGuard(
+            None,
+            "default",
+            Secrets(engine.url),
+            "mysql",
+            GuardOptions(idle_timeout=1.5, margin=0),
+            28800,
+            clock=clock,
+        )
+        guard.attach(engine)
+        first = engine_connection_id(engine)
         busy = []
         for _ in range(8):  # 2.4 s of use, never 1.5 s idle
-            time.sleep(0.3)
-            busy.append(connection_id(db))
+            clock.advance(0.3)
+            busy.append(engine_connection_id(engine))
         assert set(busy) == {first}
-        time.sleep(1.8)
-        fresh = connection_id(db)
+        clock.advance(1.6)
+        fresh = engine_connection_id(engine)
         assert fresh != first
-        assert connection_id(db) == fresh
-    assert replaced(app) == {"idle_budget": 1}
+        assert engine_connection_id(engine) == fresh
+        assert guard.stats.snapshot()["replaced"] == {"idle_budget": 1}
+    finally:
+        engine.dispose()
 
 
 def test_connection_pooled_before_the_guard_is_guarded_after_its_checkin(
-    short_timeout: MariaDBServer,
+    mariadb_url: str,
 ) -> None:
-    engine = sa.create_engine(short_timeout.url)
+    clock = FakeClock()
+    engine = sa.create_engine(mariadb_url)
     try:
-        with engine.connect() as conn:
-            first = conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one()
+        first = engine_connection_id(engine)
         bind = PoolGuard(
-            None, "default", Secrets(engine.url), "mysql", GuardOptions(), 2
+            None,
+            "default",
+            Secrets(engine.url),
+            "mysql",
+            GuardOptions(),
+            2,
+            clock=clock,
         )
         bind.attach(engine)
-        with engine.connect() as conn:  # the guard knows nothing of it yet
-            assert conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one() == first
-        time.sleep(3)
-        with engine.connect() as conn:
-            assert conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one() != first
+        assert engine_connection_id(engine) == first  # the guard knew nothing of it
+        clock.advance(3)
+        assert engine_connection_id(engine) != first
         # Replaced for its idle time, not mistaken for a connection from a parent.
-        assert bind.stats.replaced == {"idle_budget": 1}
+        assert bind.stats.snapshot()["replaced"] == {"idle_budget": 1}
     finally:
         engine.dispose()
