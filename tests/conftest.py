@@ -1,22 +1,24 @@
-"""Shared fixtures: real servers, and a factory for Flask apps with the guard."""
+"""Shared fixtures: real servers, and a factory for Flask apps with the guard.
+
+Helpers that are not fixtures are in tests/helpers.py.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import re
 import typing as t
 from collections.abc import Iterator
 from pathlib import Path
 
-import pymysql
 import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_staleguard import StaleGuard
+from tests.helpers import AppFactory
+from tests.helpers import GUARDS
 from tests.servers import MariaDBServer
 from tests.servers import PostgresServer
 
@@ -108,17 +110,6 @@ def postgres(private_postgres: PostgresServer) -> Iterator[PostgresServer]:
     private_postgres.execute("SELECT pg_reload_conf()")
 
 
-class AppFactory(t.Protocol):
-    def __call__(
-        self,
-        url: str | None = None,
-        *,
-        guard: bool = True,
-        order: str = "guard-first",
-        **config: t.Any,
-    ) -> tuple[Flask, SQLAlchemy]: ...
-
-
 @pytest.fixture()
 def make_app(tmp_path: Path) -> Iterator[AppFactory]:
     """Build Flask apps with Flask-SQLAlchemy and (optionally) the guard.
@@ -140,11 +131,14 @@ def make_app(tmp_path: Path) -> Iterator[AppFactory]:
             app.config["SQLALCHEMY_DATABASE_URI"] = url
         app.config.update(config)
         db = SQLAlchemy()
-        if guard and order == "guard-first":
-            StaleGuard(app)
+        staleguard = StaleGuard() if guard else None
+        if staleguard is not None and order == "guard-first":
+            staleguard.init_app(app)
         db.init_app(app)
-        if guard and order == "db-first":
-            StaleGuard(app)
+        if staleguard is not None and order == "db-first":
+            staleguard.init_app(app)
+        if staleguard is not None:
+            GUARDS[app] = staleguard
         made.append((app, db))
         return app, db
 
@@ -160,47 +154,3 @@ def guard_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     """Capture the ``flask_staleguard`` logger at DEBUG."""
     caplog.set_level(logging.DEBUG, logger="flask_staleguard")
     return caplog
-
-
-def connection_id(db: SQLAlchemy, bind: str | None = None) -> int:
-    """The server-side id of the connection a fresh checkout gets."""
-    with db.engines[bind].connect() as conn:
-        return int(conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one())
-
-
-def is_gone_error(error: BaseException) -> bool:
-    """Whether ``error`` is the stale-connection failure the guard prevents."""
-    orig = getattr(error, "orig", error)
-    return isinstance(orig, (pymysql.err.OperationalError, pymysql.err.InterfaceError))
-
-
-@contextlib.contextmanager
-def raises(expected: type[BaseException], match: str = "") -> Iterator[None]:
-    """``pytest.raises``, also through the exception group in which Flask 3.2
-    gathers what teardown functions raised.
-    """
-    try:
-        yield
-    except BaseException as e:
-        found = [
-            error
-            for error in flatten(e)
-            if isinstance(error, expected) and re.search(match, str(error))
-        ]
-        if not found:
-            raise
-    else:
-        pytest.fail(f"DID NOT RAISE {expected.__name__}")
-
-
-def flatten(error: BaseException) -> Iterator[BaseException]:
-    """``error`` and, if it is an exception group, everything inside it."""
-    yield error
-    for inner in getattr(error, "exceptions", ()):
-        yield from flatten(inner)
-
-
-def unwrapped(error: BaseException) -> BaseException:
-    """The one error inside Flask 3.2's teardown exception groups, else ``error``."""
-    leaves = [e for e in flatten(error) if not hasattr(e, "exceptions")]
-    return leaves[0] if len(leaves) == 1 else error

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from flask import jsonify
-from flask_sqlalchemy import SQLAlchemy
 
 from flask_staleguard.report.snapshot import pool_snapshot
 from tests.clitools import invoke
 from tests.clitools import run_flask
-from tests.conftest import AppFactory
+from tests.helpers import AppFactory
+from tests.helpers import open_at_once
 from tests.servers import APP_PASSWORD
 from tests.servers import free_port
 from tests.servers import MariaDBServer
@@ -82,24 +82,13 @@ STATS_KEYS = {
 }
 
 
-def connection_ids(db: SQLAlchemy, bind: str | None, sql: str, n: int) -> list[int]:
-    """Open ``n`` pooled connections at once, return them, and give their ids."""
-    engine = db.engines[bind]
-    conns = [engine.connect() for _ in range(n)]
-    try:
-        return [int(c.execute(sa.text(sql)).scalar_one()) for c in conns]
-    finally:
-        for c in conns:
-            c.close()
-
-
 def test_pool_json_schema_with_two_binds(
     make_app: AppFactory, mariadb_url: str, postgres_url: str
 ) -> None:
     app, db = make_app(mariadb_url, SQLALCHEMY_BINDS={"pg": postgres_url})
     with app.app_context():
-        mysql_ids = connection_ids(db, None, "SELECT CONNECTION_ID()", 2)
-        pg_ids = connection_ids(db, "pg", "SELECT pg_backend_pid()", 2)
+        mysql_ids = open_at_once(db, 2, "SELECT CONNECTION_ID()", None)
+        pg_ids = open_at_once(db, 2, "SELECT pg_backend_pid()", "pg")
         held = db.engines[None].connect()  # one checked out while the CLI runs
         try:
             result = invoke(app, "pool", "--json")
@@ -165,7 +154,7 @@ def test_pool_table_flags_idle_past_budget_and_missing_privilege(
     # makes the idle budget 0.9 s.
     app, db = make_app(mariadb.user_url, STALEGUARD_SERVER_TIMEOUT=1)
     with app.app_context():
-        (stale,) = connection_ids(db, None, "SELECT CONNECTION_ID()", 1)
+        (stale,) = open_at_once(db, 1, "SELECT CONNECTION_ID()", None)
         time.sleep(1.2)
         result = invoke(app, "pool")
     assert result.exit_code == 0, result.output
@@ -199,7 +188,7 @@ def test_cli_process_sees_the_web_workers_connections(
     # This test process plays the web worker; the CLI runs in another process.
     app, db = make_app(mariadb.user_url)
     with app.app_context():
-        worker_ids = connection_ids(db, None, "SELECT CONNECTION_ID()", 3)
+        worker_ids = open_at_once(db, 3, "SELECT CONNECTION_ID()", None)
     result = run_flask(
         tmp_path, {"SQLALCHEMY_DATABASE_URI": mariadb.user_url}, "pool", "--json"
     )

@@ -15,7 +15,8 @@ from flask_sqlalchemy import SQLAlchemy
 from flask_staleguard import ConfigError
 from flask_staleguard import StaleGuard
 from flask_staleguard.extension.contexts import TEARDOWNS_STOP_AT_FIRST_ERROR
-from tests.conftest import AppFactory
+from tests.helpers import AppFactory
+from tests.helpers import pool_json
 from tests.servers import MariaDBServer
 
 
@@ -45,7 +46,7 @@ def test_the_default_bind_is_spelled_default_or_none(
     make_app: AppFactory, mariadb_url: str, spelling: str | None
 ) -> None:
     app, _ = make_app(mariadb_url, STALEGUARD_IDLE_TIMEOUT={spelling: 30})
-    assert app.extensions["staleguard"].binds[None].idle.seconds == 27
+    assert pool_json(app)["idle_budget"] == 27
 
 
 def test_default_is_ambiguous_beside_a_bind_named_default(
@@ -79,14 +80,14 @@ def test_a_year_of_discovery_timeout_still_works(
     make_app: AppFactory, mariadb_url: str
 ) -> None:
     app, _ = make_app(mariadb_url, STALEGUARD_DISCOVERY_TIMEOUT=365 * 24 * 3600)
-    assert app.extensions["staleguard"].binds[None].idle.server_timeout == 28800
+    assert pool_json(app)["server_timeout"] == 28800
 
 
 def test_the_database_uri_set_after_init_app_is_guarded(
     short_timeout: MariaDBServer, guard_log: pytest.LogCaptureFixture
 ) -> None:
     app = Flask(__name__)
-    StaleGuard(app)  # before the URI is set: a common factory mistake
+    guard = StaleGuard(app)  # before the URI is set: a common factory mistake
     app.config["SQLALCHEMY_DATABASE_URI"] = short_timeout.url
     db = SQLAlchemy(app)
 
@@ -102,7 +103,7 @@ def test_the_database_uri_set_after_init_app_is_guarded(
         assert "SQLALCHEMY_DATABASE_URI nor SQLALCHEMY_BINDS was set when" in (
             guard_log.text
         )
-        stats = app.extensions["staleguard"].guard.stats(app)["default"]
+        stats = guard.stats(app)["default"]
         assert stats["replaced"] == {"idle_budget": 1}
     finally:
         with app.app_context():

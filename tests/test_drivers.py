@@ -10,7 +10,8 @@ import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
-from tests.conftest import AppFactory
+from tests.helpers import AppFactory
+from tests.helpers import replaced
 from tests.servers import MariaDBServer
 from tests.servers import PostgresServer
 
@@ -52,9 +53,9 @@ def test_mysqlclient_killed_and_timed_out_connections_are_replaced(
     time.sleep(0.3)
     second = _ids(app, db, 1)[0]
     assert second != first[0]
-    replaced = app.extensions["staleguard"].binds[None].stats.replaced
-    assert sum(replaced.values()) == 1
-    assert "idle_budget" not in replaced
+    seen = replaced(app)
+    assert sum(seen.values()) == 1
+    assert "idle_budget" not in seen
 
 
 def test_mysqlclient_without_guard_fails(
@@ -117,7 +118,7 @@ def test_psycopg2_terminated_backend_is_replaced_only_with_the_guard(
 
     second = _ids(guarded, guarded_db, 1, POSTGRES_ID)[0]
     assert second != first[0]
-    replaced = guarded.extensions["staleguard"].binds[None].stats.replaced
-    assert sum(replaced.values()) == 1
-    assert "idle_budget" not in replaced
-    assert all(reason.startswith("probe_") for reason in replaced)
+    seen = replaced(guarded)
+    assert sum(seen.values()) == 1
+    assert "idle_budget" not in seen
+    assert all(reason.startswith("probe_") for reason in seen)

@@ -9,7 +9,7 @@ from example_app import demo
 from tests.servers import MariaDBServer
 
 
-def test_example_app_on_sqlite(tmp_path: object) -> None:
+def test_example_app_on_sqlite() -> None:
     app = create_app({"SQLALCHEMY_DATABASE_URI": "sqlite://"})
     client = app.test_client()
     assert client.get("/").get_json() == {"visits": 1}

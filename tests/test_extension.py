@@ -13,14 +13,12 @@ from flask_sqlalchemy import SQLAlchemy
 
 from flask_staleguard import ConfigError
 from flask_staleguard import StaleGuard
-from tests.conftest import AppFactory
-from tests.conftest import connection_id
+from tests.helpers import AppFactory
+from tests.helpers import connection_id
+from tests.helpers import pool_json
+from tests.helpers import replaced
 from tests.servers import free_port
 from tests.servers import MariaDBServer
-
-
-def bind_of(app: Flask, key: str | None = None) -> t.Any:
-    return app.extensions["staleguard"].binds[key]
 
 
 def test_options_are_derived_and_shown_in_config(
@@ -31,8 +29,8 @@ def test_options_are_derived_and_shown_in_config(
     assert options["pool_recycle"] == 28770
     assert options["pool_pre_ping"] is True
     with app.app_context():
-        assert db.engine.pool._recycle == 28770
-        assert db.engine.pool._pre_ping is True
+        assert pool_json(app)["pool_recycle"] == 28770
+        assert pool_json(app)["pre_ping"] is True
 
 
 def test_guard_strategy_turns_age_recycling_off(
@@ -41,8 +39,8 @@ def test_guard_strategy_turns_age_recycling_off(
     app, db = make_app(mariadb.url)
     assert app.config["SQLALCHEMY_ENGINE_OPTIONS"]["pool_recycle"] == -1
     with app.app_context():
-        assert db.engine.pool._recycle == -1  # not Flask-SQLAlchemy's 7200
-        assert db.engine.pool._pre_ping is False
+        assert pool_json(app)["pool_recycle"] == -1  # not Flask-SQLAlchemy's 7200
+        assert pool_json(app)["pre_ping"] is False
 
 
 @pytest.mark.parametrize("order", ["guard-first", "db-first"])
@@ -56,9 +54,9 @@ def test_user_pool_recycle_wins(
         SQLALCHEMY_ENGINE_OPTIONS={"pool_recycle": 3600},
     )
     with app.app_context():
-        assert db.engine.pool._recycle == 3600
-        assert db.engine.pool._pre_ping is True
-    assert bind_of(app).applied == {"pool_pre_ping": True}
+        assert pool_json(app)["pool_recycle"] == 3600
+        assert pool_json(app)["pre_ping"] is True
+    assert pool_json(app)["applied"] == {"pool_pre_ping": True}
 
 
 def test_db_first_order_still_protects(
@@ -69,11 +67,11 @@ def test_db_first_order_still_protects(
     app, db = make_app(short_timeout.url, order="db-first")
     assert "call guard.init_app(app) before db.init_app(app)" in guard_log.text
     with app.app_context():
-        assert db.engine.pool._recycle == -1
+        assert pool_json(app)["pool_recycle"] == -1
         first = connection_id(db)
         time.sleep(3)
         assert connection_id(db) != first  # replaced, not an error
-    assert bind_of(app).stats.replaced == {"idle_budget": 1}
+    assert replaced(app) == {"idle_budget": 1}
 
 
 def test_db_first_pre_ping_is_applied_in_place(
@@ -81,8 +79,8 @@ def test_db_first_pre_ping_is_applied_in_place(
 ) -> None:
     app, db = make_app(mariadb.url, order="db-first", STALEGUARD_STRATEGY="pre_ping")
     with app.app_context():
-        assert db.engine.pool._pre_ping is True
-        assert db.engine.pool._recycle == 28770
+        assert pool_json(app)["pre_ping"] is True
+        assert pool_json(app)["pool_recycle"] == 28770
 
 
 def test_two_binds_get_their_own_budget(
@@ -99,15 +97,15 @@ def test_two_binds_get_their_own_budget(
             "plain": mariadb.url,
         },
     )
-    assert bind_of(app, "short").idle.server_timeout == 20
-    assert bind_of(app, "plain").idle.server_timeout == 28800
+    assert pool_json(app, "short")["server_timeout"] == 20
+    assert pool_json(app, "plain")["server_timeout"] == 28800
     binds = app.config["SQLALCHEMY_BINDS"]
     assert binds["short"]["pool_recycle"] == 18
     assert binds["plain"]["pool_recycle"] == 28770
     with app.app_context():
-        assert db.engines["short"].pool._recycle == 18
-        assert db.engines["plain"].pool._recycle == 28770
-        assert db.engines[None].pool._recycle == 28770
+        assert pool_json(app, "short")["pool_recycle"] == 18
+        assert pool_json(app, "plain")["pool_recycle"] == 28770
+        assert pool_json(app)["pool_recycle"] == 28770
 
 
 def test_declared_timeouts_per_bind(
@@ -119,9 +117,9 @@ def test_declared_timeouts_per_bind(
         STALEGUARD_SERVER_TIMEOUT={None: 600},
         STALEGUARD_IDLE_TIMEOUT={"other": 350},
     )
-    assert bind_of(app).idle.server_timeout == 600
-    assert bind_of(app).idle.seconds == 570
-    assert bind_of(app, "other").idle.seconds == 320
+    assert pool_json(app)["server_timeout"] == 600
+    assert pool_json(app)["idle_budget"] == 570
+    assert pool_json(app, "other")["idle_budget"] == 320
 
 
 def test_two_apps_share_no_config(make_app: AppFactory, mariadb: MariaDBServer) -> None:
@@ -135,7 +133,9 @@ def test_two_apps_share_no_config(make_app: AppFactory, mariadb: MariaDBServer) 
     assert shared == {"pool_size": 2}
     assert "pool_pre_ping" not in one.config["SQLALCHEMY_ENGINE_OPTIONS"]
     assert two.config["SQLALCHEMY_ENGINE_OPTIONS"]["pool_pre_ping"] is True
-    assert bind_of(one) is not bind_of(two)
+    # Each app has a guard of its own.
+    assert pool_json(one)["strategy"] == "recycle"
+    assert pool_json(two)["strategy"] == "pre_ping"
 
 
 def test_one_guard_many_apps(mariadb: MariaDBServer) -> None:
@@ -147,17 +147,22 @@ def test_one_guard_many_apps(mariadb: MariaDBServer) -> None:
             SQLALCHEMY_DATABASE_URI=mariadb.url, STALEGUARD_STRATEGY=strategy
         )
         guard.init_app(app)
-        apps.append(app)
-    assert [bind_of(a).strategy for a in apps] == ["guard", "recycle"]
-    assert guard.stats(apps[0]) == {
-        "default": {
-            "checkouts": 0,
-            "replaced": {},
-            "disconnects": {},
-            "leaks_detected": 0,
-            "leaks_reclaimed": 0,
+        apps.append((app, SQLAlchemy(app)))
+    try:
+        assert guard.stats(apps[0][0]) == {
+            "default": {
+                "checkouts": 0,
+                "replaced": {},
+                "disconnects": {},
+                "leaks_detected": 0,
+                "leaks_reclaimed": 0,
+            }
         }
-    }
+        assert [pool_json(a)["strategy"] for a, _ in apps] == ["guard", "recycle"]
+    finally:
+        for app, db in apps:
+            with app.app_context():
+                db.engine.dispose()
 
 
 def test_init_twice_is_an_error(mariadb: MariaDBServer) -> None:
@@ -194,10 +199,12 @@ def test_discovery_leaves_no_connection_open(mariadb: MariaDBServer) -> None:
     app.config["SQLALCHEMY_DATABASE_URI"] = mariadb.url
     StaleGuard(app)
     db = SQLAlchemy(app)
-    assert bind_of(app).idle.server_timeout == 28800  # it did ask the server
     assert app_connections() == before
     with app.app_context():
         assert db.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+    # It did ask the server (`pool --json` itself connects: asked last).
+    assert pool_json(app)["server_timeout"] == 28800
+    assert pool_json(app)["server_timeout_source"] == "server"
 
 
 def test_sqlite_is_said_once_and_left_alone(
@@ -205,7 +212,7 @@ def test_sqlite_is_said_once_and_left_alone(
 ) -> None:
     app, db = make_app("sqlite://")
     assert guard_log.text.count("is SQLite: there is no connection to go stale") == 1
-    assert bind_of(app).strategy == "off"
+    assert pool_json(app)["strategy"] == "off"
     assert "pool_recycle" not in app.config["SQLALCHEMY_ENGINE_OPTIONS"]
     with app.app_context():
         assert db.session.execute(sa.text("SELECT 1")).scalar_one() == 1
@@ -233,7 +240,7 @@ def test_database_down_at_startup(
     )
     assert "could not reach" in guard_log.text
     assert "assuming 28800 s until a connection succeeds" in guard_log.text
-    assert bind_of(app).idle.provisional
+    assert pool_json(app)["server_timeout_source"] == "assumed"
 
     @app.route("/q")
     def query() -> str:
@@ -244,10 +251,10 @@ def test_database_down_at_startup(
     mariadb.start()
     assert app.test_client().get("/q").text == "1"
     # The first connection told the truth; the derived recycle follows it.
-    assert bind_of(app).idle.server_timeout == 2
-    assert not bind_of(app).idle.provisional
+    assert pool_json(app)["server_timeout"] == 2
+    assert pool_json(app)["server_timeout_source"] == "server"
     with app.app_context():
-        assert db.engine.pool._recycle == 1
+        assert pool_json(app)["pool_recycle"] == 1
 
 
 def test_unreachable_port_does_not_block_startup(
@@ -257,7 +264,7 @@ def test_unreachable_port_does_not_block_startup(
     started = time.monotonic()
     app, _ = make_app(url, STALEGUARD_DISCOVERY_TIMEOUT=1)
     assert time.monotonic() - started < 5
-    assert bind_of(app).idle.provisional
+    assert pool_json(app)["server_timeout_source"] == "assumed"
     assert logging.WARNING in {r.levelno for r in guard_log.records}
 
 
@@ -274,7 +281,7 @@ def test_postgres_without_idle_timeout(
 ) -> None:
     # idle_session_timeout = 0: nothing closes idle sessions, there is no budget.
     app, db = make_app(postgres_url, STALEGUARD_STRATEGY=strategy)
-    assert bind_of(app).idle.server_timeout is None
-    assert bind_of(app).applied == expected
+    assert pool_json(app)["server_timeout"] is None
+    assert pool_json(app)["applied"] == expected
     with app.app_context():
         assert db.session.execute(sa.text("SELECT 1")).scalar_one() == 1

@@ -23,17 +23,13 @@ from flask import stream_with_context
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_staleguard import ConnectionReclaimed
-from tests.conftest import AppFactory
+from tests.helpers import AppFactory
+from tests.helpers import stats
 from tests.servers import MariaDBServer
 from tests.webservers import Werkzeug
 
 ROWS = 3000
 POOL = {"pool_size": 2, "max_overflow": 0, "pool_timeout": 10}
-
-
-def guard_stats(app: Flask) -> dict[str, t.Any]:
-    stats: dict[str, t.Any] = app.extensions["staleguard"].guard.stats(app)["default"]
-    return stats
 
 
 def leak_warnings(log: pytest.LogCaptureFixture) -> list[str]:
@@ -94,7 +90,7 @@ def test_a_stream_keeps_the_connection_its_view_took(
     assert lines[:-1] == [str(n) for n in range(1, ROWS + 1)]
     if guard:
         assert leak_warnings(guard_log) == []
-        assert guard_stats(app)["leaks_detected"] == 0
+        assert stats(app)["leaks_detected"] == 0
 
 
 @pytest.mark.parametrize("with_context", [False, True], ids=["plain", "with_context"])
@@ -121,7 +117,7 @@ def test_a_stream_that_forgets_its_connection_is_reported_once_closed(
             threading.Event().wait(0.05)
     (warning,) = leak_warnings(guard_log)
     assert "checked out during GET /stream (endpoint 'stream')" in warning
-    assert guard_stats(app)["leaks_reclaimed"] == 1
+    assert stats(app)["leaks_reclaimed"] == 1
     with app.app_context():
         assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
@@ -227,7 +223,7 @@ def test_a_raw_connection_kept_past_its_context_is_never_shared(
     (warning,) = leak_warnings(guard_log)
     assert "its holder's next use raises ConnectionReclaimed" in warning
     kept["raw"].close()  # and closing it afterwards is harmless
-    assert guard_stats(app)["leaks_reclaimed"] == 1
+    assert stats(app)["leaks_reclaimed"] == 1
 
 
 def test_a_sqlalchemy_connection_kept_past_its_context_fails_clearly(
@@ -284,4 +280,4 @@ def test_warn_policy_leaves_the_connection_with_its_holder(
     # Still the holder's, and still working.
     assert conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one() == held
     conn.close()
-    assert guard_stats(app)["leaks_reclaimed"] == 0
+    assert stats(app)["leaks_reclaimed"] == 0

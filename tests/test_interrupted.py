@@ -19,8 +19,9 @@ import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
-from tests.conftest import AppFactory
-from tests.conftest import raises
+from tests.helpers import AppFactory
+from tests.helpers import raises
+from tests.helpers import stats
 from tests.servers import MariaDBServer
 
 
@@ -88,8 +89,8 @@ def test_the_next_request_gets_its_own_result(
     assert client.get("/interrupted").text == "interrupted"
     time.sleep(0.4)  # the reply has arrived, unread
     assert [client.get(f"/q/{n}").text for n in (41, 42, 43)] == ["41", "42", "43"]
-    stats = app.extensions["staleguard"].guard.stats(app)["default"]
-    assert stats["replaced"] == {"probe_unread": 1}
+    counters = stats(app)
+    assert counters["replaced"] == {"probe_unread": 1}
 
 
 def test_without_the_guard_the_next_request_reads_the_wrong_reply(

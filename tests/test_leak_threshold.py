@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
-from tests.conftest import AppFactory
+from tests.helpers import AppFactory
 from tests.servers import MariaDBServer
 
 POOL = {"pool_size": 3, "max_overflow": 0, "pool_timeout": 2}
@@ -96,6 +96,7 @@ def test_connection_held_past_threshold_is_reported_with_its_site(
         assert len(reports) == 1, reports
         assert f"test_leak_threshold.py:{holder.line} in _run" in reports[0]
         assert "STALEGUARD_LEAK_THRESHOLD=0.5 s" in reports[0]
+    # About internals: the guard's table of holders forgets a returned connection.
     assert app.extensions["staleguard"].binds[None].holders.checked_out == {}
 
 

@@ -12,48 +12,19 @@ import typing as t
 
 import pytest
 import sqlalchemy as sa
-from flask import Flask
-from flask_sqlalchemy import SQLAlchemy
 
-from tests.conftest import AppFactory
+from tests.helpers import add_route
+from tests.helpers import AppFactory
+from tests.helpers import MYSQL_ID
+from tests.helpers import replaced
+from tests.helpers import request_ids
+from tests.helpers import warm
 from tests.proxies import TcpProxy
 from tests.servers import HAProxy
 from tests.servers import MariaDBServer
 from tests.servers import PgBouncer
 
 POOL: dict[str, t.Any] = {"pool_size": 4, "max_overflow": 0}
-MYSQL_ID = "SELECT CONNECTION_ID()"
-PG_ID = "SELECT pg_backend_pid()"
-
-
-def add_route(app: Flask, db: SQLAlchemy, sql: str) -> None:
-    @app.route("/q")
-    def query() -> str:
-        return str(db.session.execute(sa.text(sql)).scalar_one())
-
-
-def warm(app: Flask, db: SQLAlchemy, sql: str, n: int = 4) -> None:
-    """Open ``n`` pooled connections at once, so all of them go idle together."""
-    with app.app_context():
-        conns = [db.engine.connect() for _ in range(n)]
-        try:
-            for conn in conns:
-                conn.execute(sa.text(sql))
-        finally:
-            for conn in conns:
-                conn.close()
-
-
-def requests_succeed(app: Flask, n: int = 8) -> None:
-    client = app.test_client()
-    for _ in range(n):
-        response = client.get("/q")
-        assert response.status_code == 200
-
-
-def replaced(app: Flask) -> dict[str, int]:
-    stats: dict[str, int] = app.extensions["staleguard"].binds[None].stats.replaced
-    return stats
 
 
 # -- HAProxy: timeout client/server 2 s, closes idle connections with a FIN --------
@@ -73,7 +44,7 @@ def test_haproxy_idle_close_is_survived(
         add_route(app, db, MYSQL_ID)
         warm(app, db, MYSQL_ID)
         time.sleep(3)
-        requests_succeed(app)
+        request_ids(app)
         seen = replaced(app)
         if idle_timeout is None:  # nothing configured: the socket probe saw the FIN
             assert seen.get("probe_eof", 0) + seen.get("probe_reset", 0) >= 1, seen
@@ -113,7 +84,7 @@ def test_proxy_idle_reset(
             with pytest.raises(sa.exc.OperationalError):
                 app.test_client().get("/q")
             return
-        requests_succeed(app)
+        request_ids(app)
         seen = replaced(app)
         assert seen.get("probe_reset", 0) + seen.get("probe_eof", 0) >= 1, seen
         assert "idle_budget" not in seen
@@ -141,7 +112,7 @@ def test_pgbouncer_idle_close(
             with pytest.raises(sa.exc.OperationalError):
                 app.test_client().get("/q")
             return
-        requests_succeed(app)
+        request_ids(app)
         assert sum(replaced(app).values()) >= 1
 
 
@@ -167,7 +138,7 @@ def test_silent_drop_is_caught_by_the_idle_budget(
         warm(app, db, MYSQL_ID)
         time.sleep(2.5)
         started = time.monotonic()
-        requests_succeed(app)
+        request_ids(app)
         assert time.monotonic() - started < 1.5  # no request waited on a dead socket
         assert replaced(app).get("idle_budget", 0) >= 1
 

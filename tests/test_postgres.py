@@ -7,7 +7,6 @@ server use the session's private PostgreSQL (the ``postgres`` fixture).
 
 from __future__ import annotations
 
-import contextlib
 import time
 import typing as t
 
@@ -15,14 +14,18 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from flask import Flask
-from flask_sqlalchemy import SQLAlchemy
 
 from flask_staleguard.core import probe
 from flask_staleguard.core.checkout import STATE
-from tests.conftest import AppFactory
+from tests.helpers import add_route
+from tests.helpers import AppFactory
+from tests.helpers import pool_json
+from tests.helpers import POSTGRES_ID as PID
+from tests.helpers import replaced
+from tests.helpers import request_ids
+from tests.helpers import warm
 from tests.servers import PostgresServer
 
-PID = "SELECT pg_backend_pid()"
 POOL: dict[str, t.Any] = {"pool_size": 4, "max_overflow": 0}
 SHORT: dict[str, t.Any] = {
     **POOL,
@@ -37,28 +40,6 @@ def pool_as(application_name: str) -> dict[str, t.Any]:
     return {**POOL, "connect_args": {"application_name": application_name}}
 
 
-def add_route(app: Flask, db: SQLAlchemy) -> None:
-    @app.route("/q")
-    def query() -> str:
-        return str(db.session.execute(sa.text(PID)).scalar_one())
-
-
-def warm(app: Flask, db: SQLAlchemy, n: int = 4) -> set[int]:
-    with app.app_context(), contextlib.ExitStack() as stack:
-        conns = [stack.enter_context(db.engine.connect()) for _ in range(n)]
-        return {int(c.execute(sa.text(PID)).scalar_one()) for c in conns}
-
-
-def request_pids(app: Flask, n: int = 8) -> set[int]:
-    client = app.test_client()
-    pids = set()
-    for _ in range(n):
-        response = client.get("/q")
-        assert response.status_code == 200
-        pids.add(int(response.text))
-    return pids
-
-
 def raw_connect(postgres_url: str) -> psycopg.Connection[t.Any]:
     url = sa.make_url(postgres_url)
     return psycopg.connect(
@@ -70,28 +51,23 @@ def raw_connect(postgres_url: str) -> psycopg.Connection[t.Any]:
     )
 
 
-def replaced(app: Flask) -> dict[str, int]:
-    stats: dict[str, int] = app.extensions["staleguard"].binds[None].stats.replaced
-    return stats
-
-
 def test_budget_is_derived_from_idle_session_timeout(
     make_app: AppFactory, postgres_url: str
 ) -> None:
     app, _ = make_app(postgres_url, SQLALCHEMY_ENGINE_OPTIONS=SHORT)
-    bind = app.extensions["staleguard"].binds[None]
-    assert bind.idle.server_timeout == 2
-    assert bind.idle.seconds == pytest.approx(1.8)
+    pool = pool_json(app)
+    assert (pool["server_timeout"], pool["server_timeout_source"]) == (2, "server")
+    assert pool["idle_budget"] == pytest.approx(1.8)
 
 
 def test_idle_session_timeout_is_survived(
     make_app: AppFactory, postgres_url: str
 ) -> None:
     app, db = make_app(postgres_url, SQLALCHEMY_ENGINE_OPTIONS=SHORT)
-    add_route(app, db)
-    before = warm(app, db)
+    add_route(app, db, PID)
+    before = warm(app, db, PID)
     time.sleep(3)
-    assert not before & request_pids(app)
+    assert not before & set(request_ids(app))
     assert replaced(app).get("idle_budget", 0) >= 1
 
 
@@ -99,8 +75,8 @@ def test_idle_session_timeout_fails_without_guard(
     make_app: AppFactory, postgres_url: str
 ) -> None:
     app, db = make_app(postgres_url, guard=False, SQLALCHEMY_ENGINE_OPTIONS=SHORT)
-    add_route(app, db)
-    warm(app, db)
+    add_route(app, db, PID)
+    warm(app, db, PID)
     time.sleep(3)
     with pytest.raises(sa.exc.OperationalError):
         app.test_client().get("/q")
@@ -119,15 +95,15 @@ def test_terminated_idle_backends(
     app, db = make_app(
         postgres.url, guard=guard, SQLALCHEMY_ENGINE_OPTIONS=pool_as(name)
     )
-    add_route(app, db)
-    before = warm(app, db)
+    add_route(app, db, PID)
+    before = warm(app, db, PID)
     # Waits until the backends have exited: their sockets are closed by now.
     assert set(postgres.terminate_backends(application_name=name)) == before
     if not guard:
         with pytest.raises(sa.exc.OperationalError):
             app.test_client().get("/q")
         return
-    assert not before & request_pids(app)
+    assert not before & set(request_ids(app))
     assert sum(replaced(app).values()) >= 1
     assert "idle_budget" not in replaced(app)
     assert probe_only(app)
@@ -144,17 +120,17 @@ def test_restart_is_survived_only_with_the_guard(
     unguarded, unguarded_db = make_app(
         postgres.url, guard=False, SQLALCHEMY_ENGINE_OPTIONS=pool_as(UNGUARDED)
     )
-    add_route(guarded, guarded_db)
-    add_route(unguarded, unguarded_db)
-    before = warm(guarded, guarded_db)
-    warm(unguarded, unguarded_db)
+    add_route(guarded, guarded_db, PID)
+    add_route(unguarded, unguarded_db, PID)
+    before = warm(guarded, guarded_db, PID)
+    warm(unguarded, unguarded_db, PID)
     old_postmaster = postgres.pid
     # A fast shutdown terminates every backend; the port stays the same.
     postgres.restart()
     assert postgres.pid != old_postmaster
     with pytest.raises(sa.exc.OperationalError):
         unguarded.test_client().get("/q")
-    after = request_pids(guarded)
+    after = set(request_ids(guarded))
     assert after and not before & after
     assert sum(replaced(guarded).values()) == len(before)
     assert "idle_budget" not in replaced(guarded)
@@ -181,6 +157,8 @@ def test_pending_notify_does_not_discard_the_connection(
         time.sleep(0.3)
         # The pooled connection's socket really is readable, with bytes no peek
         # can classify: the ping path, not the quiet path, is what is tested.
+        # (About internals: the pool's queue and the guard's per-connection
+        # probe, read to prove the precondition; no public API shows them.)
         record = db.engine.pool._pool.queue[0]  # type: ignore[attr-defined]
         verdict = record.info[STATE].probe.check()
         assert verdict is not None and verdict[0] == probe.UNKNOWN

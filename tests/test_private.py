@@ -150,7 +150,7 @@ def test_no_private_flask_import() -> None:
                 assert names == [], (path.name, node.module, names)
 
 
-def test_the_package_imports_on_this_flask(tmp_path: Path) -> None:
+def test_the_package_imports_on_this_flask() -> None:
     app = Flask(__name__)
     flask_staleguard.StaleGuard(app)
     assert "staleguard" in app.extensions

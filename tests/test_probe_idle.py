@@ -15,7 +15,7 @@ from flask_staleguard.report.probe_idle import IdleTimer
 from flask_staleguard.report.probe_idle import NO_ANSWER
 from flask_staleguard.report.probe_idle import probe_idle
 from tests.clitools import invoke
-from tests.conftest import AppFactory
+from tests.helpers import AppFactory
 from tests.proxies import TcpProxy
 from tests.servers import APP_PASSWORD
 from tests.servers import free_port

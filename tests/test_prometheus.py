@@ -22,8 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 import flask_staleguard
 from flask_staleguard.metrics.prometheus import generate
 from flask_staleguard.metrics.prometheus import StaleGuardMetrics
-from tests.conftest import AppFactory
-from tests.conftest import connection_id
+from tests.helpers import AppFactory
+from tests.helpers import connection_id
+from tests.helpers import stats
 from tests.servers import free_port
 from tests.servers import MariaDBServer
 from tests.servers import wait_for_port
@@ -49,13 +50,14 @@ def test_counters_follow_guard_stats(make_app: AppFactory, mariadb_url: str) -> 
         connection_id(db)  # replaced: idle past the budget
         leaked = db.engine.connect()  # reclaimed when the context ends
     leaked.close()
-    stats = app.extensions["staleguard"].guard.stats(app)["default"]
-    assert stats["replaced"] == {"idle_budget": 1} and stats["leaks_detected"] == 1
+    counters = stats(app)
+    assert counters["replaced"] == {"idle_budget": 1}
+    assert counters["leaks_detected"] == 1
     text, content_type = generate(registry)
     assert content_type.startswith("text/plain")
     found = samples(text.decode())
     bind = ("bind", "default")
-    assert found[("staleguard_checkouts_total", (bind,))] == stats["checkouts"] == 4
+    assert found[("staleguard_checkouts_total", (bind,))] == counters["checkouts"] == 4
     reason = ("reason", "idle_budget")
     assert found[("staleguard_replaced_total", (bind, reason))] == 1
     assert found[("staleguard_leaks_total", (bind, ("reclaimed", "true")))] == 1
@@ -74,7 +76,7 @@ def test_disconnects_are_counted_by_code(
         time.sleep(0.2)
         with pytest.raises(sa.exc.OperationalError):
             connection_id(db)
-    (code,) = app.extensions["staleguard"].guard.stats(app)["default"]["disconnects"]
+    (code,) = stats(app)["disconnects"]
     found = samples(generate(registry)[0].decode())
     key = ("staleguard_disconnects_total", (("bind", "default"), ("code", code)))
     assert found[key] == 1
@@ -90,9 +92,16 @@ def test_one_exporter_per_app(make_app: AppFactory, mariadb_url: str) -> None:
     exporter = StaleGuardMetrics(app, registry=registry)
     with pytest.raises(RuntimeError, match="already registered"):
         exporter.init_app(app)
-    # Two apps share the registry's metrics.
-    other, _ = make_app(mariadb_url)
+    # Two apps share the registry's metrics: the second registers nothing twice,
+    # and both count into them.
+    other, other_db = make_app(mariadb_url)
     StaleGuardMetrics(other, registry=registry)
+    for each_app, each_db in ((app, db), (other, other_db)):
+        with each_app.app_context():
+            connection_id(each_db)
+    found = samples(generate(registry)[0].decode())
+    checkouts = found[("staleguard_checkouts_total", (("bind", "default"),))]
+    assert checkouts == stats(app)["checkouts"] + stats(other)["checkouts"] == 2
 
 
 METRICS_APP = """\

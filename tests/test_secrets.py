@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from flask_staleguard.core.redact import Secrets
 from tests.clitools import invoke
-from tests.conftest import AppFactory
+from tests.helpers import AppFactory
 from tests.servers import APP_PASSWORD
 from tests.servers import free_port
 from tests.servers import MariaDBServer

@@ -11,8 +11,9 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import AppFactory
-from tests.conftest import connection_id
+from tests.helpers import AppFactory
+from tests.helpers import connection_id
+from tests.helpers import replaced
 from tests.proxies import TcpProxy
 from tests.servers import MariaDBServer
 
@@ -52,5 +53,5 @@ def test_error_packet_then_close(
                     connection_id(db)
                 return
             assert connection_id(db) != first
-        replaced = app.extensions["staleguard"].binds[None].stats.replaced
-        assert replaced == {"probe_server_error": 1}
+        seen = replaced(app)
+        assert seen == {"probe_server_error": 1}

@@ -15,8 +15,10 @@ from flask_staleguard.core.guard import PoolGuard
 from flask_staleguard.metrics.signals import connection_replaced
 from flask_staleguard.metrics.signals import disconnect_seen
 from flask_staleguard.metrics.signals import leak_detected
-from tests.conftest import AppFactory
-from tests.conftest import connection_id
+from tests.helpers import AppFactory
+from tests.helpers import connection_id
+from tests.helpers import guard_of
+from tests.helpers import stats as stats_of
 from tests.servers import MariaDBServer
 
 Received = list[tuple[PoolGuard, dict[str, t.Any]]]
@@ -42,7 +44,10 @@ def receive() -> Iterator[t.Callable[[Signal], Received]]:
         signal.disconnect(receiver)
 
 
-def guard_of(app: t.Any, key: str | None = None) -> PoolGuard:
+def sender_of(app: t.Any, key: str | None = None) -> PoolGuard:
+    """The sender of a bind's signals: its ``PoolGuard``, which only the guard's
+    state in ``app.extensions`` holds (an internal, read to check the sender).
+    """
     return t.cast(PoolGuard, app.extensions["staleguard"].binds[key])
 
 
@@ -50,7 +55,7 @@ def test_counters_start_at_zero_and_count_checkouts(
     make_app: AppFactory, mariadb_url: str, postgres_url: str
 ) -> None:
     app, db = make_app(mariadb_url, SQLALCHEMY_BINDS={"pg": postgres_url})
-    guard = app.extensions["staleguard"].guard
+    guard = guard_of(app)
     zero = {
         "checkouts": 0,
         "replaced": {},
@@ -83,11 +88,11 @@ def test_idle_budget_replacement_is_counted_and_signalled(
         first = connection_id(db)
         time.sleep(1.0)
         assert connection_id(db) != first
-    stats = app.extensions["staleguard"].guard.stats(app)["default"]
+    stats = guard_of(app).stats(app)["default"]
     assert stats["replaced"] == {"idle_budget": 1}
     assert stats["checkouts"] == 3  # two handed out, one refused and replaced
     ((sender, kwargs),) = replaced
-    assert sender is guard_of(app)
+    assert sender is sender_of(app)
     assert kwargs["reason"] == "idle_budget"
     assert 0.9 < kwargs["idle"] < 2
 
@@ -104,10 +109,10 @@ def test_probe_replacement_is_counted_and_signalled(
         assert mariadb.kill_connections(user="sg") == [first]
         time.sleep(0.2)  # for the FIN to arrive
         assert connection_id(db) != first
-    (reason,) = guard_of(app).stats.snapshot()["replaced"]
+    (reason,) = stats_of(app)["replaced"]
     assert reason.startswith("probe_")
     ((sender, kwargs),) = replaced
-    assert sender is guard_of(app) and kwargs["reason"] == reason
+    assert sender is sender_of(app) and kwargs["reason"] == reason
 
 
 def test_disconnect_is_counted_and_signalled(
@@ -126,9 +131,9 @@ def test_disconnect_is_counted_and_signalled(
             connection_id(db)
     assert first
     code = str(t.cast(pymysql.err.OperationalError, raised.value.orig).args[0])
-    assert guard_of(app).stats.snapshot()["disconnects"] == {code: 1}
+    assert stats_of(app)["disconnects"] == {code: 1}
     ((sender, kwargs),) = seen
-    assert sender is guard_of(app)
+    assert sender is sender_of(app)
     assert kwargs["code"] == code
     assert kwargs["idle"] is not None and kwargs["idle"] >= 0.2
 
@@ -148,10 +153,10 @@ def test_leaks_are_counted_and_signalled(
         assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     for conn in leaked:
         conn.close()
-    stats = guard_of(app).stats.snapshot()
+    stats = stats_of(app)
     assert (stats["leaks_detected"], stats["leaks_reclaimed"]) == (2, 2)
     (first_sender, first), (_, second) = leaks
-    assert first_sender is guard_of(app)
+    assert first_sender is sender_of(app)
     assert first["reclaimed"] is True and second["reclaimed"] is True
     # The bind records sites from its first leak on.
     assert first["site"] == ()
@@ -172,14 +177,14 @@ def test_signals_stay_quiet_for_healthy_connections(
         for _ in range(3):
             connection_id(db)
     assert received == [[], [], []]
-    assert guard_of(app).stats.snapshot()["checkouts"] == 3
+    assert stats_of(app)["checkouts"] == 3
 
 
 def test_stats_outside_an_app_context_says_to_pass_the_app(
     make_app: AppFactory, mariadb_url: str
 ) -> None:
     app, _ = make_app(mariadb_url)
-    guard = app.extensions["staleguard"].guard
+    guard = guard_of(app)
     with pytest.raises(RuntimeError, match=r"pass the app, guard\.stats\(app\)"):
         guard.stats()
     assert guard.stats(app)["default"]["checkouts"] == 0

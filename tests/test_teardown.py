@@ -14,8 +14,10 @@ from sqlalchemy.orm import sessionmaker
 from flask_staleguard import LeakError
 from flask_staleguard import StaleGuard
 from flask_staleguard.extension.contexts import TEARDOWNS_STOP_AT_FIRST_ERROR
-from tests.conftest import AppFactory
-from tests.conftest import raises
+from tests.helpers import AppFactory
+from tests.helpers import guard_of
+from tests.helpers import raises
+from tests.helpers import stats
 from tests.servers import MariaDBServer
 
 SMALL_POOL = {"pool_size": 3, "max_overflow": 0, "pool_timeout": 1}
@@ -101,7 +103,7 @@ def test_unsaved_changes_are_rolled_back_with_a_warning(
     app, db = make_app(mariadb.url)
     with app.app_context():
         session = scoped_session(sessionmaker(bind=db.engine))
-    app.extensions["staleguard"].guard.register_session(session)
+    guard_of(app).register_session(session)
 
     @app.route("/write")
     def write() -> str:
@@ -153,7 +155,7 @@ def test_leaked_connections_do_not_exhaust_the_pool(
     # ...the next ones by the file and line of db.engine.connect() in leak().
     assert f"checked out at {__file__}:" in warnings[1]
     assert " in leak <- " in warnings[1]
-    assert app.extensions["staleguard"].binds[None].stats.leaks_reclaimed == 10
+    assert stats(app)["leaks_reclaimed"] == 10
 
 
 def test_warn_policy_only_warns(make_app: AppFactory, mariadb: MariaDBServer) -> None:
@@ -190,7 +192,7 @@ def test_teardown_never_raises(
     app, db = make_app(mariadb.url)
     with app.app_context():
         broken = BrokenSession(sessionmaker(bind=db.engine))
-    app.extensions["staleguard"].guard.register_session(broken)
+    guard_of(app).register_session(broken)
 
     @app.route("/b")
     def use_broken() -> str:

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import AppFactory
-from tests.conftest import connection_id
+from tests.helpers import AppFactory
+from tests.helpers import connection_id
+from tests.helpers import replaced
 from tests.servers import MariaDBServer
 
 
@@ -63,7 +64,7 @@ def test_healthy_tls_connection_is_kept(
         for _ in range(3):
             time.sleep(0.4)
             assert connection_id(db) == first
-    assert app.extensions["staleguard"].binds[None].stats.replaced == {}
+    assert replaced(app) == {}
 
 
 def test_tls_connection_killed_or_timed_out_is_replaced(
@@ -87,6 +88,6 @@ def test_tls_connection_killed_or_timed_out_is_replaced(
             assert connection_id(db) not in (timed_out, killed)
     finally:
         tls_mariadb.set_global("wait_timeout", 28800)
-    replaced = app.extensions["staleguard"].binds[None].stats.replaced
-    assert sum(replaced.values()) == 2
-    assert "idle_budget" not in replaced
+    seen = replaced(app)
+    assert sum(seen.values()) == 2
+    assert "idle_budget" not in seen
