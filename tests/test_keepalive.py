@@ -19,7 +19,7 @@ from flask_staleguard.core.keepalive import keepalive_for
 from flask_staleguard.core.keepalive import read_keepalive
 from flask_staleguard.core.keepalive import socket_options
 from tests.clitools import invoke
-from tests.conftest import AppFactory
+from tests.helpers import AppFactory
 
 DRIVERS = [
     "mysql+pymysql",
