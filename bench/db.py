@@ -17,7 +17,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from .machine import REPO
+from . import REPO
 
 if str(REPO) not in sys.path:  # tests/ holds the server and proxy helpers
     sys.path.insert(0, str(REPO))

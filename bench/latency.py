@@ -23,7 +23,7 @@ import pymysql
 from sqlalchemy.engine import make_url
 
 from . import pool_cost
-from .machine import REPO
+from . import REPO
 from .variants import build_all
 
 
@@ -96,8 +96,8 @@ def run(
     round_seconds: float,
     time_limit: float,
     log: t.Callable[[str], None],
-) -> dict[str, t.Any]:
-    """Measure every variant at every delay; returns per-delay raw and summaries.
+) -> tuple[list[str], list[t.Any]]:
+    """Measure every variant at every delay; Markdown lines and pyperf benchmarks.
 
     The requests per round are chosen from bare's speed at that delay so a round
     takes about ``round_seconds`` for every delay.
@@ -106,7 +106,15 @@ def run(
     host, port = target.host or "127.0.0.1", int(target.port or 3306)
     user = target.username or "root"
     (direct_rtt,) = ping_rtt_us([(host, port)], user)
-    results: dict[str, t.Any] = {"direct_ping_rtt_us": direct_rtt, "levels": []}
+    lines = [
+        "## Latency: through a TCP proxy with a fixed one-way delay",
+        "",
+        f"Direct loopback COM_PING round trip: {direct_rtt:.0f} µs; RTT below is"
+        " measured through the proxy. Per round, a variant's figure is its"
+        " 10 %-trimmed mean request (the proxy's rare timer stalls swamp a mean).",
+        "",
+    ]
+    benchmarks: list[t.Any] = []
     for delay in delays:
         with delay_proxy(host, port, delay) as proxy_port:
             proxied = target.set(host="127.0.0.1", port=proxy_port)
@@ -142,17 +150,19 @@ def run(
             )
             for bench_app in apps.values():
                 bench_app.dispose()
-        results["levels"].append(
-            {
-                "delay_ms": delay * 1000,
-                "ping_rtt_us": rtt,
-                "direct_ping_rtt_us": level_direct,
-                "added_rtt_us": rtt - level_direct,
-                "raw": raw,
-                # The proxy's timer stalls make the round mean noisy, and
-                # the median jumps between the clusters the timers make: judge
-                # by the round's 10 %-trimmed mean request (all are in the JSON).
-                "summary": pool_cost.summarize(raw, statistic="trim"),
-            }
+        rows, level_benchmarks = pool_cost.summarize(
+            raw, prefix=f"latency_{delay * 1000:g}ms", key="trim_us"
         )
-    return results
+        lines += [
+            f"### Delay {delay * 1000:g} ms one way: RTT {rtt:.0f} µs",
+            "",
+            f"{raw['rounds_done']} rounds × {requests} requests per variant.",
+            "",
+            *pool_cost.HEADER,
+            *rows,
+            "",
+        ]
+        for bench in level_benchmarks:
+            bench.update_metadata({"ping_rtt_us": round(rtt, 1)})
+        benchmarks += level_benchmarks
+    return lines, benchmarks

@@ -1,33 +1,39 @@
-"""Scenario 1: the added cost per request-shaped checkout, variants interleaved.
+"""Scenario ``pool``: the added cost per request-shaped checkout, variants interleaved.
 
 One request is ``app context + checkout + SELECT 1 + checkin``
 (:meth:`BenchApp.request`). A round runs ``requests`` requests of every variant
 in micro-blocks of ``block`` requests, the variant order shuffled for every
 micro-block, so all variants of a round see the same state of the shared machine.
 Per round and variant the per-request time is the block time summed over the
-round divided by the requests (also kept: the round's median request and its
-10 %-trimmed mean request); the
-figure reported is the median over rounds of the per-round difference from
-``bare`` (wall clock, and this thread's CPU time).
+round divided by the requests (also kept: the round's 10 %-trimmed mean request,
+which the latency scenario uses); the figure reported is the median over rounds
+of the per-round difference from ``bare`` (wall clock, and this thread's CPU
+time), with an order-statistics 95 % interval of that median.
 """
 
 from __future__ import annotations
 
 import gc
 import random
-import statistics
 import time
 import typing as t
 
-from . import stats
+from . import report
 from .variants import BenchApp
 
-#: Per-round statistic -> its key in the raw figures: the round's mean request
-#: (round time / requests), its median request, its 10 %-trimmed mean request.
-PER_ROUND = {"mean": "wall_us", "p50": "p50_us", "trim": "trim_us"}
-
-#: How many error messages to keep per variant in the raw output.
+#: How many error messages to keep per variant.
 _KEEP_ERRORS = 5
+
+
+def _trimmed_mean(values: t.Sequence[int], cut: float = 0.1) -> float:
+    """The mean without the lowest and highest ``cut`` of ``values``.
+
+    A few multi-millisecond stalls (a timer-driven proxy has them) cannot move it.
+    """
+    ordered = sorted(values)
+    k = int(len(ordered) * cut)
+    kept = ordered[k : len(ordered) - k] or ordered
+    return sum(kept) / len(kept)
 
 
 def _block(
@@ -82,7 +88,6 @@ def measure(
             "seed": seed,
         },
         "wall_us": {v: [] for v in names},
-        "p50_us": {v: [] for v in names},
         "trim_us": {v: [] for v in names},
         "cpu_us": {v: [] for v in names},
         "errors": {v: 0 for v in names},
@@ -116,8 +121,7 @@ def measure(
         for name in names:
             raw["wall_us"][name].append(wall_ns[name] / n / 1000)
             raw["cpu_us"][name].append(cpu_ns[name] / n / 1000)
-            raw["p50_us"][name].append(statistics.median(times[name]) / 1000)
-            raw["trim_us"][name].append(stats.trimmed_mean(times[name]) / 1000)
+            raw["trim_us"][name].append(_trimmed_mean(times[name]) / 1000)
         if progress is not None:
             progress(
                 f"round {r + 1}/{rounds}: "
@@ -132,51 +136,52 @@ def measure(
 def summarize(
     raw: t.Mapping[str, t.Any],
     *,
+    prefix: str,
+    key: str = "wall_us",
     baseline: str = "bare",
     reference: str = "pre_ping",
-    statistic: str = "mean",
-) -> dict[str, t.Any]:
-    """Per variant: median µs/request, and the paired added cost over ``baseline``.
+) -> tuple[list[str], list[t.Any]]:
+    """Markdown rows (one per variant) and one pyperf benchmark per variant.
 
-    ``statistic`` is the per-round figure of a variant: ``"mean"`` (round time /
-    requests, the default), ``"p50"`` (the round's median request) or ``"trim"``
-    (its 10 %-trimmed mean request: robust to the rare multi-millisecond stalls
-    of a timer-driven proxy, and steadier than the median). All are kept:
-    ``added_us`` uses ``statistic``; ``added_us_mean``, ``added_us_p50`` and
-    ``added_us_trim`` are always there. ``ratio_to_ref`` is the median over rounds of
-    ``(variant - baseline) / (reference - baseline)``; ``ratio_of_medians``
-    divides the two median added costs instead (less sensitive to a round where
-    the reference's added cost happened to be tiny).
+    ``key`` picks the per-round figure: ``wall_us`` (round time / requests) or
+    ``trim_us`` (the round's 10 %-trimmed mean request). The ratio is the median
+    over rounds of ``(variant - baseline) / (reference - baseline)``.
     """
-    out: dict[str, t.Any] = {}
-    wall = raw[PER_ROUND[statistic]]
-    cpu = raw["cpu_us"]
-    base_w, base_c = wall[baseline], cpu[baseline]
-    ref_added = stats.paired(wall[reference], base_w) if reference in wall else []
-    ref_median = stats.median(ref_added)
-    for name in wall:
-        added = stats.paired(wall[name], base_w)
-        added_cpu = stats.paired(cpu[name], base_c)
-        entry: dict[str, t.Any] = {
-            "statistic": statistic,
-            "per_request_us": stats.median(wall[name]),
-            **{
-                f"added_us_{kind}": stats.summary(
-                    stats.paired(raw[key][name], raw[key][baseline])
-                )
-                for kind, key in PER_ROUND.items()
-            },
-            "cpu_per_request_us": stats.median(cpu[name]),
-            "added_us": stats.summary(added),
-            "added_cpu_us": stats.summary(added_cpu),
-            "errors": raw["errors"][name],
-        }
-        if ref_added and name != baseline:
-            per_round = stats.ratios(added, ref_added)
-            entry["ratio_to_ref"] = stats.median(per_round)
-            entry["ratio_to_ref_summary"] = stats.summary(per_round)
-            entry["ratio_of_medians"] = (
-                stats.median(added) / ref_median if ref_median > 0 else float("nan")
+    per_round, cpu = raw[key], raw["cpu_us"]
+    ref_added = report.paired(per_round[reference], per_round[baseline])
+    rows, benchmarks = [], []
+    for name, values in per_round.items():
+        added = report.paired(values, per_round[baseline])
+        cells = ["–", "–", "–"]
+        if name != baseline:
+            ratios = [a / r for a, r in zip(added, ref_added) if r > 0]
+            cells = [
+                report.ci(added),
+                report.ci(report.paired(cpu[name], cpu[baseline])),
+                report.ci(ratios, 3),
+            ]
+        rows.append(
+            f"| {name} | {report.fmt(report.median_ci(values)[0])} | "
+            + " | ".join(cells)
+            + f" | {raw['errors'][name]} |"
+        )
+        benchmarks.append(
+            report.benchmark(
+                f"{prefix}.{name}",
+                values,
+                per_round_figure=key,
+                added_us_over_bare=cells[0],
+                rounds=raw["rounds_done"],
+                requests_per_round=raw["config"]["requests_per_round"],
+                errors=raw["errors"][name],
             )
-        out[name] = entry
-    return out
+        )
+    return rows, benchmarks
+
+
+#: The header of :func:`summarize`'s rows.
+HEADER = [
+    "| variant | µs/request | added µs over bare [95 % CI] | added CPU µs |"
+    " added ÷ pre_ping's added | failed requests |",
+    "| --- | --- | --- | --- | --- | --- |",
+]

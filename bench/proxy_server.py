@@ -18,7 +18,7 @@ import threading
 import types
 import typing as t
 
-from .machine import REPO
+from . import REPO
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))

@@ -189,8 +189,12 @@ def run(
     busy_seconds: float,
     idle_cycles: int,
     log: t.Callable[[str], None],
-) -> dict[str, t.Any]:
-    """All three patterns with a short ``wait_timeout``; restores it afterwards."""
+) -> list[str]:
+    """All three patterns with a short ``wait_timeout`` (restored afterwards).
+
+    Returns the Markdown table: per pattern and variant, reconnects / failed
+    requests, and the guard's replacement reasons.
+    """
     dbmod.set_wait_timeout(server, wait_timeout)
     try:
         apps = build_all(variants, server.url)
@@ -202,11 +206,7 @@ def run(
             for v, a in apps.items()
         }
         log(f"wait_timeout={wait_timeout}: pool settings {derived}")
-        out: dict[str, t.Any] = {
-            "wait_timeout_s": wait_timeout,
-            "threads": threads,
-            "pool_settings": derived,
-        }
+        out: dict[str, t.Any] = {}
         log(f"busy: {threads} threads per variant for {busy_seconds:g} s")
         out["busy"] = busy(apps, threads=threads, seconds=busy_seconds)
         idle = wait_timeout + 2.0
@@ -218,6 +218,28 @@ def run(
         out["kill"] = kill(apps, server, threads=threads)
         for bench_app in apps.values():
             bench_app.dispose()
-        return out
     finally:
         dbmod.set_wait_timeout(server, 28800)
+    lines = [
+        "## Reconnects and stale errors",
+        "",
+        f"Private MariaDB, wait_timeout={wait_timeout} s, {threads} threads per"
+        f" variant. Pool settings: {derived}. Cells: reconnects / failed requests"
+        " (the guard's replacement reasons).",
+        "",
+        "| pattern | " + " | ".join(variants) + " |",
+        "| --- | " + " | ".join("---" for _ in variants) + " |",
+    ]
+    for pattern, result in out.items():
+        cells = []
+        for v in variants:
+            e = result[v]
+            why = ", ".join(f"{k} {n}" for k, n in e["guard_replaced"].items())
+            cells.append(
+                f"{e['reconnects']} / {e['errors']}{f' ({why})' if why else ''}"
+            )
+            for message in e["error_messages"]:
+                log(f"{pattern} {v}: {message}")
+        requests = ", ".join(f"{v} {result[v]['requests']}" for v in variants)
+        lines.append(f"| {pattern} ({requests} requests) | " + " | ".join(cells) + " |")
+    return [*lines, ""]

@@ -14,10 +14,9 @@ import typing as t
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from flask_staleguard.core.disconnects import keep_mariadb_4031 as _keep_mariadb_4031
+from flask_staleguard.core.disconnects import keep_mariadb_4031
 
-from .stats import bootstrap_ci
-from .stats import median
+from . import report
 
 
 def _per_statement_ns(conn: sa.Connection, statement: t.Any, n: int) -> float:
@@ -29,17 +28,17 @@ def _per_statement_ns(conn: sa.Connection, statement: t.Any, n: int) -> float:
 
 def run(
     *, rounds: int, statements: int, log: t.Callable[[str], None]
-) -> dict[str, t.Any]:
-    """Per round, ns per statement with and without the listener; the summary."""
+) -> tuple[list[str], list[t.Any]]:
+    """Per round, µs per statement with and without the listener; the summary."""
     bare = sa.create_engine("sqlite://")
     listened = sa.create_engine("sqlite://")
-    event.listen(listened, "handle_error", _keep_mariadb_4031)
+    event.listen(listened, "handle_error", keep_mariadb_4031)
     statement = sa.text("SELECT 1")
     with bare.connect() as plain, listened.connect() as guarded:
         for conn in (plain, guarded):  # warm both
             _per_statement_ns(conn, statement, statements)
-        added = []
-        base = []
+        base: list[float] = []
+        with_listener: list[float] = []
         for r in range(rounds):
             # Alternate the order, so neither engine always runs first.
             if r % 2:
@@ -49,16 +48,26 @@ def run(
                 b = _per_statement_ns(guarded, statement, statements)
                 a = _per_statement_ns(plain, statement, statements)
             base.append(a / 1000)
-            added.append((b - a) / 1000)
+            with_listener.append(b / 1000)
     bare.dispose()
     listened.dispose()
-    low, high = bootstrap_ci(added)
-    summary: dict[str, t.Any] = {
-        "added_us": {"median": median(added), "ci95_low": low, "ci95_high": high},
-        "statement_us": median(base),
-    }
-    log(
-        f"statements: handle_error listener adds {summary['added_us']['median']:.3f} µs"
-        f" [{low:.3f}, {high:.3f}] to a {summary['statement_us']:.1f} µs statement"
-    )
-    return {"raw": {"added_us": added, "statement_us": base}, "summary": summary}
+    added = report.ci(report.paired(with_listener, base), 3)
+    statement_us = report.fmt(report.median_ci(base)[0])
+    log(f"statements: the listener adds {added} µs to a {statement_us} µs statement")
+    lines = [
+        "## Per statement: the MariaDB-4031 handle_error listener",
+        "",
+        f"{rounds} rounds × {statements} statements, SQLite in memory.",
+        "",
+        "| µs per statement | added by the listener, µs [95 % CI] |",
+        "| --- | --- |",
+        f"| {statement_us} | {added} |",
+        "",
+    ]
+    benchmarks = [
+        report.benchmark("statements.bare", base),
+        report.benchmark(
+            "statements.handle_error", with_listener, added_us_over_bare=added
+        ),
+    ]
+    return lines, benchmarks

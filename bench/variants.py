@@ -11,8 +11,6 @@ apples to apples; only the connection-pool protection differs:
     StaleGuard, ``STALEGUARD_STRATEGY="recycle"``: the derived ``pool_recycle`` only.
 ``guard``
     StaleGuard's default strategy: idle budget and socket poll at checkout.
-
-An extra variant for profiling: ``off`` (StaleGuard's bookkeeping, no checks).
 """
 
 from __future__ import annotations
@@ -29,11 +27,8 @@ from sqlalchemy import event
 
 from flask_staleguard import StaleGuard
 
-#: The variants the issue asks for, in report order.
-CORE = ("bare", "pre_ping", "recycle", "guard")
-#: Variants used only to explain costs.
-EXTRA = ("off",)
-ALL = CORE + EXTRA
+#: The variants, in report order.
+ALL = ("bare", "pre_ping", "recycle", "guard")
 
 SELECT_1 = sa.text("SELECT 1")
 _names = itertools.count()
@@ -41,11 +36,13 @@ _names = itertools.count()
 
 @dataclasses.dataclass
 class BenchApp:
-    """One variant's app, its ``SQLAlchemy`` and a count of new DBAPI connections."""
+    """One variant's app, its ``SQLAlchemy``, its guard (if any) and a count of
+    new DBAPI connections."""
 
     variant: str
     app: Flask
     db: SQLAlchemy
+    guard: StaleGuard | None = None
     connects: int = 0
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
@@ -57,10 +54,9 @@ class BenchApp:
 
     def guard_stats(self) -> dict[str, t.Any] | None:
         """StaleGuard's counters for the default bind, or ``None`` without the guard."""
-        state = self.app.extensions.get("staleguard")
-        if state is None:
+        if self.guard is None:
             return None
-        return t.cast(dict[str, t.Any], state.guard.stats(self.app).get("default"))
+        return t.cast(dict[str, t.Any], self.guard.stats(self.app).get("default"))
 
     def request(self, statement: sa.TextClause = SELECT_1) -> None:
         """One request-shaped unit: app context, checkout, statement, checkin."""
@@ -72,30 +68,21 @@ class BenchApp:
         self.engine.dispose()
 
 
-def build(
-    variant: str,
-    url: str,
-    *,
-    engine_options: t.Mapping[str, t.Any] | None = None,
-    config: t.Mapping[str, t.Any] | None = None,
-) -> BenchApp:
+def build(variant: str, url: str) -> BenchApp:
     """Build ``variant``'s app against ``url`` (StaleGuard first, as documented)."""
     if variant not in ALL:
         raise ValueError(f"unknown variant {variant!r}; choose from {ALL}")
     app = Flask(f"bench_{variant}_{next(_names)}")
     app.config["SQLALCHEMY_DATABASE_URI"] = url
-    options = dict(engine_options or {})
     if variant == "pre_ping":
-        options["pool_pre_ping"] = True
-    if options:
-        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
-    app.config.update(config or {})
+        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {"pool_pre_ping": True}
+    guard = None
     if variant != "bare" and variant != "pre_ping":
         app.config["STALEGUARD_STRATEGY"] = variant
-        StaleGuard(app)
+        guard = StaleGuard(app)
     db = SQLAlchemy()
     db.init_app(app)
-    bench_app = BenchApp(variant, app, db)
+    bench_app = BenchApp(variant, app, db, guard)
 
     # A connect listener fires only for new DBAPI connections, never per checkout,
     # so it leaves bare's checkout path free of listeners.
@@ -107,10 +94,6 @@ def build(
     return bench_app
 
 
-def build_all(
-    variants: t.Iterable[str],
-    url: str,
-    **kwargs: t.Any,
-) -> dict[str, BenchApp]:
+def build_all(variants: t.Iterable[str], url: str) -> dict[str, BenchApp]:
     """Build each of ``variants`` against ``url``."""
-    return {v: build(v, url, **kwargs) for v in variants}
+    return {v: build(v, url) for v in variants}

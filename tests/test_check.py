@@ -93,6 +93,8 @@ def test_no_pool_recycle_at_all_is_found_too(
     assert [(p["bind"], p["code"]) for p in problems] == [
         ("default", "recycle_exceeds_timeout"),
         ("pg", "recycle_exceeds_timeout"),
+        # Strategy "off" sets no keepalive: libpq's own waits two hours.
+        ("pg", "keepalive_too_long"),
     ]
     assert (
         "pool_recycle=-1 (never) is not below wait_timeout=28800 s"

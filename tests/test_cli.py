@@ -45,6 +45,7 @@ BIND_KEYS = {
     "pre_ping",
     "applied",
     "liveness_probe",
+    "keepalive",
     "server",
     "connections",
     "notes",

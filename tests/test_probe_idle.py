@@ -57,6 +57,7 @@ def test_measures_haproxys_idle_timer(
         "configured_idle_timeout",
         "recommended_idle_timeout",
         "note",
+        "recommended_keepalive",
     }
     # HAProxy's `timeout client 2s`, bracketed to within the default resolution.
     assert 1.5 <= found["alive_after"] <= 2.05
@@ -65,6 +66,7 @@ def test_measures_haproxys_idle_timer(
     assert found["closed_by"] in ("fin", "error")
     assert found["server_timeout"] == 28800.0  # @@wait_timeout knows nothing of it
     assert 1.5 <= found["recommended_idle_timeout"] <= 2.0
+    assert found["recommended_keepalive"] is None  # a FIN, not a silent drop
     assert APP_PASSWORD not in found["url"]
     # The progress bar goes to stderr, leaving stdout to the JSON.
     assert "default: idling 2 connections for 1.5 s to 2.5 s" in result.stderr
@@ -110,6 +112,8 @@ def test_a_silent_drop_is_found_by_its_missing_answer(
     assert 1.0 <= found.closed_after
     assert found.recommended_idle_timeout is not None
     assert found.recommended_idle_timeout <= 1.1
+    # Keepalive probes beat a silent drop: one every second at most, here.
+    assert found.recommended_keepalive == 1.0
 
 
 def test_unreachable_database_exits_2(make_app: AppFactory) -> None:

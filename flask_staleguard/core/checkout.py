@@ -23,6 +23,8 @@ from . import probe
 from .budget import IdleBudget
 from .deadline import shut_down_after
 from .discovery import session_idle_timeout
+from .keepalive import Keepalive
+from .keepalive import set_keepalive
 
 logger = logging.getLogger("flask_staleguard")
 
@@ -93,6 +95,7 @@ class CheckoutChecks:
         replace: Replace,
         learn: t.Callable[[float | None], None],
         clock: t.Callable[[], float] = time.monotonic,
+        keepalive: Keepalive | None = None,
     ) -> None:
         self._name = name
         self._kind = kind
@@ -103,6 +106,9 @@ class CheckoutChecks:
         self._replace = replace
         self._learn = learn
         self._clock = clock
+        #: The TCP keepalive every new connection gets; ``None``: the driver's.
+        self.keepalive = keepalive
+        self._told_hidden = False
         self._guarding = strategy == "guard"
         self._watching = strategy != "off"
         self._dialect: t.Any = None
@@ -115,6 +121,9 @@ class CheckoutChecks:
         event.listen(engine, "checkin", self._on_checkin)
 
     def _on_connect(self, dbapi_connection: t.Any, record: t.Any) -> None:
+        if self.keepalive is not None:
+            # Before the guard's own query: a dead path must not hang it either.
+            self._set_keepalive(dbapi_connection, self.keepalive)
         budget = self._budget.seconds
         if self._watching and self._budget.discovers:
             try:
@@ -135,6 +144,24 @@ class CheckoutChecks:
                 if self._budget.is_news(timeout):
                     self._learn(timeout)
         record.info[STATE] = self.state(dbapi_connection, budget)
+
+    def _set_keepalive(self, dbapi_connection: t.Any, keepalive: Keepalive) -> None:
+        fd = probe.socket_fd(dbapi_connection)
+        if fd is None:
+            if not self._told_hidden:
+                self._told_hidden = True
+                logger.warning(
+                    "bind %s: the driver hides its socket: no TCP keepalive is set"
+                    " (STALEGUARD_KEEPALIVE), and a silently dropped path is found"
+                    " only by the idle budget",
+                    self._name,
+                )
+            return
+        try:
+            with probe.borrowed(fd) as sock:
+                set_keepalive(sock, keepalive)
+        except OSError as e:  # a diagnostic's failure never fails a connect
+            logger.debug("bind %s: could not set TCP keepalive: %s", self._name, e)
 
     def _lost(self, error: Exception, dbapi_connection: t.Any) -> bool:
         """Whether ``error`` left the new connection unusable."""

@@ -26,6 +26,7 @@ from .checkout import CheckoutChecks
 from .derive import derive_engine_options
 from .disconnects import DisconnectReports
 from .holders import Holders
+from .keepalive import keepalive_for
 from .options import GuardOptions
 from .redact import Secrets
 from .units import seconds_text
@@ -92,6 +93,12 @@ class PoolGuard:
             describe=describe,
             clock=clock,
         )
+        #: The TCP keepalive every new connection gets; ``None``: the driver's.
+        self.keepalive = (
+            None
+            if self.strategy == "off"
+            else keepalive_for(options.keepalive, options.idle_timeout)
+        )
         self._checks = CheckoutChecks(
             name,
             kind,
@@ -102,6 +109,7 @@ class PoolGuard:
             self._replace,
             self._learn,
             clock,
+            self.keepalive,
         )
         self._reports = DisconnectReports(
             self, kind, self.strategy, self.idle, self.stats

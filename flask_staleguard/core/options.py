@@ -40,6 +40,8 @@ class GuardOptions:
     #: Seconds a connection may be held outside any app context before it is
     #: reported; ``None``: never.
     leak_threshold: float | None = None
+    #: Seconds of silence before a TCP keepalive probe; ``None``: the driver's.
+    keepalive: float | None = 60.0
 
 
 def choice(name: str, value: object, accepted: tuple[str, ...]) -> str:

@@ -31,6 +31,9 @@ SERVER_ERROR = "probe_server_error"
 #: Bytes wait on an idle plain-TCP MySQL connection: the rest of a reply that an
 #: interrupted statement never read. The connection is out of step with its server.
 UNREAD = "probe_unread"
+#: The kernel gave up on the connection: its keepalive probes or its data went
+#: unanswered (ETIMEDOUT), the mark of a path that dropped it silently.
+TIMED_OUT = "probe_timed_out"
 #: Something is readable that a peek cannot classify; a real ping must decide.
 UNKNOWN = "probe_unknown"
 
@@ -126,7 +129,7 @@ class SocketProbe:
 
 
 @contextlib.contextmanager
-def _borrowed(fd: int) -> t.Iterator[_socket.socket]:
+def borrowed(fd: int) -> t.Iterator[_socket.socket]:
     """A socket object around the driver's descriptor, handed back unchanged.
 
     The C-level class, never a green one; and the descriptor's blocking mode is
@@ -148,11 +151,13 @@ def peek(fd: int) -> tuple[str, bytes]:
     if not _DONTWAIT:
         return UNKNOWN, b""
     try:
-        with _borrowed(fd) as sock:
+        with borrowed(fd) as sock:
             data = sock.recv(_PEEK_BYTES, socket.MSG_PEEK | _DONTWAIT)
     except BlockingIOError:
         return UNKNOWN, b""
-    except OSError:  # ECONNRESET, EPIPE, ETIMEDOUT...: the connection is broken
+    except TimeoutError:  # ETIMEDOUT: keepalive (or TCP_USER_TIMEOUT) gave up
+        return TIMED_OUT, b""
+    except OSError:  # ECONNRESET, EPIPE...: the connection is broken
         return RESET, b""
     if not data:
         return EOF, b""
@@ -198,5 +203,5 @@ def shut_down(fd: int) -> None:
     Nothing is written (a close would send the driver's goodbye, which could
     interleave with another thread's bytes); the driver closes it afterwards.
     """
-    with contextlib.suppress(OSError), _borrowed(fd) as sock:
+    with contextlib.suppress(OSError), borrowed(fd) as sock:
         sock.shutdown(socket.SHUT_RDWR)

@@ -45,6 +45,13 @@ LEAKS = "STALEGUARD_LEAKS"
 #: Seconds a connection may stay checked out outside any app context (a thread, a
 #: job) before it is reported with where it was taken. ``None``: never.
 LEAK_THRESHOLD = "STALEGUARD_LEAK_THRESHOLD"
+#: Seconds of silence after which the kernel sends a TCP keepalive probe on a
+#: pooled connection; it probes again every quarter of that (at least 1 s) and
+#: declares the connection dead after 3 unanswered probes, and unacknowledged
+#: data may wait no longer than that either (``TCP_USER_TIMEOUT``, Linux). A
+#: shorter ``STALEGUARD_IDLE_TIMEOUT`` brings the first probe to half of it.
+#: ``None`` leaves the driver's socket options alone.
+KEEPALIVE = "STALEGUARD_KEEPALIVE"
 
 #: The defaults, applied with ``app.config.setdefault`` at ``init_app``.
 DEFAULTS: dict[str, t.Any] = {
@@ -55,6 +62,7 @@ DEFAULTS: dict[str, t.Any] = {
     DISCOVERY_TIMEOUT: 5.0,
     LEAKS: "reclaim",
     LEAK_THRESHOLD: None,
+    KEEPALIVE: 60.0,
 }
 
 #: A bind key: ``None`` is Flask-SQLAlchemy's default bind.
@@ -82,6 +90,7 @@ class Settings:
     discovery_timeout: float = 5.0
     leaks: str = "reclaim"
     leak_threshold: float | None = None
+    keepalive: float | None = 60.0
 
     def idle_timeout_for(self, bind: BindKey) -> float | None:
         """The declared middlebox idle timer for ``bind``, if any."""
@@ -101,6 +110,7 @@ class Settings:
             timeout=self.discovery_timeout,
             leaks=self.leaks,
             leak_threshold=self.leak_threshold,
+            keepalive=self.keepalive,
         )
 
     def for_binds(self, binds: t.Iterable[BindKey]) -> Settings:
@@ -176,6 +186,7 @@ def load_settings(config: t.Mapping[str, t.Any]) -> Settings:
         ),
         leaks=choice(LEAKS, get[LEAKS], LEAK_POLICIES),
         leak_threshold=seconds(LEAK_THRESHOLD, get[LEAK_THRESHOLD], optional=True),
+        keepalive=seconds(KEEPALIVE, get[KEEPALIVE], optional=True),
     )
 
 

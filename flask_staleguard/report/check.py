@@ -34,6 +34,9 @@ IDLE_TIMEOUT_POINTLESS = "idle_timeout_pointless"
 UNSUPPORTED_DRIVER = "unsupported_driver"
 #: The pools of all workers can take every connection the server allows.
 NO_CONNECTION_HEADROOM = "no_connection_headroom"
+#: A declared path timer that the TCP keepalive, as read back from a live
+#: connection, does not beat: a silently dropped flow would hang a statement.
+KEEPALIVE_TOO_LONG = "keepalive_too_long"
 #: SQLite has no server to close idle connections: nothing to guard.
 SQLITE = "sqlite"
 
@@ -112,6 +115,7 @@ def find_problems(reports: t.Sequence[Report], workers: int = 1) -> list[Problem
             continue
         problems += _timer_problems(report)
         problems += _driver_problems(report)
+        problems += _keepalive_problems(report)
     problems += _headroom_problems(reports, workers)
     return problems
 
@@ -223,6 +227,27 @@ def _driver_problems(report: Report) -> t.Iterator[Problem]:
             " STALEGUARD_STRATEGY = 'pre_ping'.",
             "warning",
         )
+
+
+def _keepalive_problems(report: Report) -> t.Iterator[Problem]:
+    timer = report["idle_timeout"]
+    keepalive = report["keepalive"]
+    if timer is None or keepalive is None:
+        return  # no declared timer, or no TCP socket read back
+    idle = keepalive.get("idle") if keepalive["enabled"] else None
+    if idle is not None and idle < timer:
+        return
+    now = "is off" if idle is None else f"sends its first probe after {idle:g} s"
+    yield Problem(
+        KEEPALIVE_TOO_LONG,
+        report["bind"],
+        f"the path drops idle flows after STALEGUARD_IDLE_TIMEOUT={timer:g} s, but"
+        f" TCP keepalive {now}: a statement silent on the wire for longer (a slow"
+        " query) loses its flow, and a silent drop hangs it",
+        f"Set STALEGUARD_KEEPALIVE below {timer:g} (its default, 60, comes down to"
+        " half of STALEGUARD_IDLE_TIMEOUT by itself).",
+        "warning",
+    )
 
 
 def _headroom_problems(

@@ -104,6 +104,9 @@ class IdleTimer:
     recommended_idle_timeout: float | None
     #: Why nothing was measured (SQLite), if so.
     note: str | None = None
+    #: The ``STALEGUARD_KEEPALIVE`` that beats a silent drop; ``None`` when the
+    #: path closes idle connections visibly, or not at all.
+    recommended_keepalive: float | None = None
 
     def as_dict(self) -> dict[str, t.Any]:
         """The JSON form."""
@@ -204,6 +207,7 @@ def probe_idle(
                 server_timeout,
                 guard.idle.idle_timeout,
                 _recommend(alive, closed, server_timeout),
+                recommended_keepalive=_keepalive_below(alive, how),
             )
         )
     return ProbeResult(results, unreachable)
@@ -441,6 +445,15 @@ def _recommend(
     return float(math.floor(alive)) if alive >= 10 else math.floor(alive * 10) / 10
 
 
+def _keepalive_below(alive: float, closed_by: str | None) -> float | None:
+    """A keepalive whose probes come well within a silent drop's timer: half the
+    longest idle known to survive, in whole seconds.
+    """
+    if closed_by != NO_ANSWER:
+        return None
+    return float(max(1, math.floor(alive / 2)))
+
+
 def format_probe(results: t.Sequence[IdleTimer]) -> str:
     """The ``probe-idle`` command's human output for the binds it measured."""
     blocks = []
@@ -484,6 +497,15 @@ def format_probe(results: t.Sequence[IdleTimer]) -> str:
                 )
             elif r.closed_after is not None:
                 rows.append(("Set", "nothing: the server's own timeout comes first"))
+            if r.recommended_keepalive is not None:
+                rows.append(
+                    (
+                        "Keepalive",
+                        f"STALEGUARD_KEEPALIVE = {r.recommended_keepalive:g} or less:"
+                        " the path drops idle flows without a word, and keepalive"
+                        " probes keep them alive or find them dead",
+                    )
+                )
             else:
                 rows.append(("Set", "nothing: no timer on the path up to --max"))
         width = max(len(k) for k, _ in rows)

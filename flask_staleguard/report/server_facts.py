@@ -17,6 +17,7 @@ from ..core import probe
 from ..core.deadline import call_within
 from ..core.disconnects import error_code
 from ..core.guard import PoolGuard
+from ..core.keepalive import read_keepalive
 from ..core.units import seconds_text
 from ..core.units import seconds_value
 from ..errors import NoAnswer
@@ -31,8 +32,9 @@ _DENIED_SQLSTATE = "42501"
 def read_server(
     report: Report, guard: PoolGuard, engine: sa.engine.Engine, process_list: bool
 ) -> None:
-    """Fill ``server``, ``connections``, ``liveness_probe`` and ``notes``, or
-    ``error``, within the bind's time limit (``STALEGUARD_DISCOVERY_TIMEOUT``).
+    """Fill ``server``, ``connections``, ``liveness_probe``, ``keepalive`` and
+    ``notes``, or ``error``, within the bind's time limit
+    (``STALEGUARD_DISCOVERY_TIMEOUT``).
     """
     try:
         found = call_within(
@@ -73,7 +75,12 @@ def _read(guard: PoolGuard, engine: sa.engine.Engine, process_list: bool) -> Rep
     notes: list[str] = []
     found: Report = {"notes": notes}
     try:
-        found["liveness_probe"] = probe.socket_fd(dbapi_connection) is not None
+        fd = probe.socket_fd(dbapi_connection)
+        found["liveness_probe"] = fd is not None
+        if fd is not None:
+            # Read back from the socket, not from config: what the kernel does.
+            with probe.borrowed(fd) as sock:
+                found["keepalive"] = read_keepalive(sock)
         if guard.kind == "mysql":
             mariadb = bool(getattr(engine.dialect, "is_mariadb", False))
             server, connections = _mysql(dbapi_connection, notes, mariadb, process_list)

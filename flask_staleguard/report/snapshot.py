@@ -157,6 +157,7 @@ def _guard_facts(guard: PoolGuard, pool: sa.pool.Pool) -> Report:
         "pre_ping": bool(_private.pool_option(pool, "pool_pre_ping")),
         "applied": dict(guard.applied),
         "liveness_probe": None,
+        "keepalive": None,
         "server": None,
         "connections": [],
         "notes": [],

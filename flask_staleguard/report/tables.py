@@ -78,6 +78,8 @@ def _format_bind(r: Report) -> str:
             "supported" if r["liveness_probe"] else "not supported by the driver"
         )
         rows.append(("Liveness probe", supported))
+    if r["liveness_probe"]:
+        rows.append(("TCP keepalive", keepalive_text(r["keepalive"])))
     server = r["server"]
     if server is not None:
         rows.append(
@@ -141,6 +143,24 @@ def _format_bind(r: Report) -> str:
         else:
             lines.append("  No other connections of this user and database.")
     return "\n".join(lines)
+
+
+def keepalive_text(keepalive: Report | None) -> str:
+    """A socket's keepalive as read back: ``idle 60 s, every 15 s, 3 probes...``."""
+    if keepalive is None:
+        return "not TCP"
+    if not keepalive["enabled"]:
+        return "off (STALEGUARD_KEEPALIVE = None, or the driver's default)"
+    parts = []
+    if "idle" in keepalive:
+        parts.append(f"first probe after {seconds_text(keepalive['idle'])} idle")
+    if "interval" in keepalive:
+        parts.append(f"then every {seconds_text(keepalive['interval'])}")
+    if "count" in keepalive:
+        parts.append(f"dead after {keepalive['count']} unanswered")
+    if keepalive.get("user_timeout"):
+        parts.append(f"unacknowledged data {seconds_text(keepalive['user_timeout'])}")
+    return "on: " + ", ".join(parts) + " (read from a live connection)"
 
 
 def _or_unknown(value: t.Any) -> str:
