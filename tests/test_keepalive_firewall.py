@@ -20,6 +20,7 @@ import typing as t
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from tests.netns import Firewall
 from tests.netns import missing_requirements
@@ -77,12 +78,12 @@ def _dead_path_steps() -> list[dict[str, t.Any]]:
 DROP_AFTER = 0.5
 
 
-def _in_flight_steps() -> list[dict[str, t.Any]]:
+def _in_flight_steps(sleep_sql: str) -> list[dict[str, t.Any]]:
     return [
         {"do": "warm", "n": 1},
         {
             "do": "request",
-            "sql": "SELECT SLEEP(3)",
+            "sql": sleep_sql,
             "drop_after": DROP_AFTER,
             "watchdog": WATCHDOG,
         },
@@ -90,37 +91,67 @@ def _in_flight_steps() -> list[dict[str, t.Any]]:
     ]
 
 
-def _specs(mysql_url: str, pg_url: str) -> dict[str, Spec]:
+class Driver(t.NamedTuple):
+    server: str  # "mariadb" or "postgres"
+    scheme: str  # SQLAlchemy dialect+driver
+    id_sql: str
+    sleep_sql: str  # a 3 s statement
+
+
+DRIVERS = {
+    "pymysql": Driver("mariadb", "mysql+pymysql", MYSQL_ID, "SELECT SLEEP(3)"),
+    "mysqldb": Driver("mariadb", "mysql+mysqldb", MYSQL_ID, "SELECT SLEEP(3)"),
+    "psycopg": Driver("postgres", "postgresql+psycopg", PG_ID, "SELECT pg_sleep(3)"),
+    "psycopg2": Driver("postgres", "postgresql+psycopg2", PG_ID, "SELECT pg_sleep(3)"),
+}
+#: The drivers of the scenarios without a keepalive (that hang): one per server.
+HANG_DRIVERS = ["pymysql", "psycopg"]
+#: The drivers of the in-flight scenarios.
+IN_FLIGHT_DRIVERS = ["pymysql", "psycopg"]
+
+
+def _specs(urls: dict[str, str]) -> dict[str, Spec]:
+    """Every scenario of the module by name, given each server's URL."""
+
     def spec(
-        url: str,
-        id_sql: str,
+        driver: str,
         guard: bool,
         config: dict[str, t.Any],
         steps: list[dict[str, t.Any]],
     ) -> Spec:
+        d = DRIVERS[driver]
+        url = make_url(urls[d.server]).set(drivername=d.scheme)
         return {
-            "url": url,
+            "url": url.render_as_string(hide_password=False),
             "guard": guard,
             "config": config,
             "engine_options": ENGINE_OPTIONS,
-            "id_sql": id_sql,
+            "id_sql": d.id_sql,
             "steps": steps,
         }
 
     specs: dict[str, Spec] = {}
-    for db, url, id_sql in (("mysql", mysql_url, MYSQL_ID), ("pg", pg_url, PG_ID)):
-        specs[f"{db}-idle-keepalive"] = spec(
-            url, id_sql, True, WITH_KEEPALIVE, _idle_steps()
+    for driver in DRIVERS:
+        specs[f"{driver}-idle-keepalive"] = spec(
+            driver, True, WITH_KEEPALIVE, _idle_steps()
         )
+        specs[f"{driver}-dead-path-keepalive"] = spec(
+            driver, True, WITH_KEEPALIVE, _dead_path_steps()
+        )
+    for driver in HANG_DRIVERS:
         for name, (guard, config) in NO_KEEPALIVE.items():
-            specs[f"{db}-idle-{name}"] = spec(url, id_sql, guard, config, _idle_steps())
-    for name, config in (("keepalive", WITH_KEEPALIVE), ("none", WITHOUT_KEEPALIVE)):
-        specs[f"mysql-dead-path-{name}"] = spec(
-            mysql_url, MYSQL_ID, True, config, _dead_path_steps()
+            specs[f"{driver}-idle-{name}"] = spec(driver, guard, config, _idle_steps())
+    specs["pymysql-dead-path-none"] = spec(
+        "pymysql", True, WITHOUT_KEEPALIVE, _dead_path_steps()
+    )
+    for driver in IN_FLIGHT_DRIVERS:
+        sleep = _in_flight_steps(DRIVERS[driver].sleep_sql)
+        specs[f"{driver}-in-flight-keepalive"] = spec(
+            driver, True, WITH_KEEPALIVE, sleep
         )
-        specs[f"mysql-in-flight-{name}"] = spec(
-            mysql_url, MYSQL_ID, True, config, _in_flight_steps()
-        )
+    specs["pymysql-in-flight-none"] = spec(
+        "pymysql", True, WITHOUT_KEEPALIVE, _in_flight_steps("SELECT SLEEP(3)")
+    )
     return specs
 
 
@@ -152,7 +183,7 @@ def scenarios(
         assert settings["net.netfilter.nf_conntrack_tcp_loose"] == "0"
         established = "net.netfilter.nf_conntrack_tcp_timeout_established"
         assert settings[established] == str(FIREWALL_TIMEOUT)
-        specs = _specs(mariadb.user_url, postgres.url)
+        specs = _specs({"mariadb": mariadb.user_url, "postgres": postgres.url})
         runs = {name: Scenario(firewall, spec) for name, spec in specs.items()}
         try:
             yield runs
@@ -186,11 +217,11 @@ def all_fast_and_ok(done: list[dict[str, t.Any]], result: ScenarioResult) -> Non
 # -- idle past the firewall's timeout ------------------------------------------
 
 
-@pytest.mark.parametrize("db", ["mysql", "pg"])
+@pytest.mark.parametrize("driver", sorted(DRIVERS))
 def test_idle_past_the_firewall_timeout_keeps_working(
-    scenarios: dict[str, Scenario], db: str
+    scenarios: dict[str, Scenario], driver: str
 ) -> None:
-    result = scenarios[f"{db}-idle-keepalive"].result()
+    result = scenarios[f"{driver}-idle-keepalive"].result()
     warm = step(result, "warm")
     # The probes kept the firewall's memory of every pooled flow fresh...
     assert step(result, "conntrack")["tracked"] == sorted(warm["ports"]), result
@@ -200,30 +231,31 @@ def test_idle_past_the_firewall_timeout_keeps_working(
     all_fast_and_ok(done, result)
     assert {r["conn_id"] for r in done} <= set(warm["conn_ids"]), result
     assert replaced(result) == {}, result
-    print(f"{db}: requests after {IDLE} s idle: {[r['seconds'] for r in done]}")
+    print(f"{driver}: requests after {IDLE} s idle: {[r['seconds'] for r in done]}")
 
 
 @pytest.mark.parametrize("config", sorted(NO_KEEPALIVE))
-@pytest.mark.parametrize("db", ["mysql", "pg"])
+@pytest.mark.parametrize("driver", HANG_DRIVERS)
 def test_idle_past_the_firewall_timeout_hangs_without_keepalive(
-    scenarios: dict[str, Scenario], db: str, config: str
+    scenarios: dict[str, Scenario], driver: str, config: str
 ) -> None:
     """The scenario is real: without the keepalive the firewall forgets the pool."""
-    result = scenarios[f"{db}-idle-{config}"].result()
+    result = scenarios[f"{driver}-idle-{config}"].result()
     assert step(result, "conntrack")["tracked"] == [], result
     [request] = requests(result)
     assert result["hung"] and request["hung"], result
     assert request["seconds"] >= WATCHDOG, result
-    print(f"{db}-{config}: still running at the watchdog, {request['seconds']} s")
+    print(f"{driver}-{config}: still running at the watchdog, {request['seconds']} s")
 
 
 # -- a path that dies while the connections sit in the pool -------------------
 
 
+@pytest.mark.parametrize("driver", sorted(DRIVERS))
 def test_path_dead_in_the_pool_costs_no_request(
-    scenarios: dict[str, Scenario],
+    scenarios: dict[str, Scenario], driver: str
 ) -> None:
-    result = scenarios["mysql-dead-path-keepalive"].result()
+    result = scenarios[f"{driver}-dead-path-keepalive"].result()
     warm = step(result, "warm")
     assert step(result, "drop")["ports"] == sorted(warm["ports"]), result
     done = requests(result)
@@ -231,13 +263,13 @@ def test_path_dead_in_the_pool_costs_no_request(
     # Every pooled connection was dead and replaced, without a round trip.
     assert not {r["conn_id"] for r in done} & set(warm["conn_ids"]), result
     assert replaced(result) == {"probe_timed_out": POOL_SIZE}, result
-    print(f"requests after the path died: {[r['seconds'] for r in done]}")
+    print(f"{driver}: requests after the path died: {[r['seconds'] for r in done]}")
 
 
 def test_path_dead_in_the_pool_hangs_without_keepalive(
     scenarios: dict[str, Scenario],
 ) -> None:
-    result = scenarios["mysql-dead-path-none"].result()
+    result = scenarios["pymysql-dead-path-none"].result()
     [request] = requests(result)
     assert result["hung"] and request["hung"], result
     assert replaced(result) == {}, result
@@ -246,10 +278,11 @@ def test_path_dead_in_the_pool_hangs_without_keepalive(
 # -- a statement in flight when its path dies ----------------------------------
 
 
+@pytest.mark.parametrize("driver", IN_FLIGHT_DRIVERS)
 def test_statement_in_flight_fails_within_the_keepalive_window(
-    scenarios: dict[str, Scenario],
+    scenarios: dict[str, Scenario], driver: str
 ) -> None:
-    result = scenarios["mysql-in-flight-keepalive"].result()
+    result = scenarios[f"{driver}-in-flight-keepalive"].result()
     assert not result["hung"], result
     [cut] = requests(result, 0)
     assert cut["dropped"]["ports"], result  # its path did die
@@ -262,13 +295,15 @@ def test_statement_in_flight_fails_within_the_keepalive_window(
     assert {r["conn_id"] for r in following}.isdisjoint(
         step(result, "warm")["conn_ids"]
     ), result
-    print(f"in-flight statement failed after {cut['seconds']} s: {cut['error']}")
+    print(
+        f"{driver}: in-flight statement failed after {cut['seconds']} s: {cut['error']}"
+    )
 
 
 def test_statement_in_flight_hangs_without_keepalive(
     scenarios: dict[str, Scenario],
 ) -> None:
-    result = scenarios["mysql-in-flight-none"].result()
+    result = scenarios["pymysql-in-flight-none"].result()
     [cut] = requests(result, 0)
     assert cut["dropped"]["ports"], result
     assert result["hung"] and cut["hung"], result
