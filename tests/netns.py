@@ -153,7 +153,7 @@ class Firewall:
             raise
 
     def reset(self) -> None:
-        """Only the INVALID-drop rule, no flow remembered (between tests)."""
+        """Leave only the INVALID-drop rule in INPUT and forget every flow."""
         self.run(["iptables", "-w", "10", "-F", "INPUT"])
         self.run(
             ["iptables", "-w", "10", "-A", "INPUT"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -32,8 +33,8 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.engine import make_url
 
 _TOOL_TIMEOUT = 10.0
-# ESTABLISHED in /proc/net/tcp's `st` column.
-_TCP_ESTABLISHED = "01"
+# TCP_ESTABLISHED, the first byte (tcpi_state) of struct tcp_info.
+_TCP_ESTABLISHED = 1
 
 
 class Spec(t.TypedDict):
@@ -54,31 +55,37 @@ class Spec(t.TypedDict):
 
 
 def own_client_ports(server_port: int) -> list[int]:
-    """Local ports of this process's established TCP connections to ``server_port``."""
-    inodes: set[int] = set()
-    for fd in os.listdir("/proc/self/fd"):
+    """Local ports of this process's established TCP connections to ``server_port``.
+
+    Read from the sockets themselves (each descriptor duplicated), not from
+    /proc/net/tcp, which lists the whole namespace and, read while other
+    scenarios open and close connections, can repeat or skip a line.
+    """
+    ports: set[int] = set()
+    for name in os.listdir("/proc/self/fd"):
         try:
-            link = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(int(link[len("socket:[") : -1]))
-    ports: list[int] = []
-    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:["):
+                continue
+            fd = os.dup(int(name))
+        except (OSError, ValueError):
+            continue  # closed meanwhile, or listdir's own descriptor
         try:
-            with open(table) as f:
-                lines = f.readlines()[1:]
+            sock = socket.socket(fileno=fd)
         except OSError:
+            os.close(fd)
             continue
-        for line in lines:
-            fields = line.split()
-            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
-            if (
-                int(inode) in inodes
-                and state == _TCP_ESTABLISHED
-                and int(remote.rsplit(":", 1)[1], 16) == server_port
-            ):
-                ports.append(int(local.rsplit(":", 1)[1], 16))
+        with sock:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            if sock.type != socket.SOCK_STREAM:
+                continue
+            try:
+                peer = sock.getpeername()
+                state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+            except OSError:
+                continue  # not connected
+            if peer[1] == server_port and state == _TCP_ESTABLISHED:
+                ports.add(sock.getsockname()[1])
     return sorted(ports)
 
 
@@ -106,11 +113,11 @@ def drop_paths(server_port: int, ports: list[int]) -> None:
 def tracked_ports(server_port: int) -> list[int]:
     """Client ports of the flows to the server that conntrack still knows."""
     out = _run_tool(["conntrack", "-L", "-p", "tcp", "--dport", str(server_port)])
-    ports: list[int] = []
+    ports: set[int] = set()
     for line in out.splitlines():
         for field in line.split():
             if field.startswith("sport="):
-                ports.append(int(field[len("sport=") :]))
+                ports.add(int(field[len("sport=") :]))
                 break  # the original direction's tuple comes first
     return sorted(ports)
 
