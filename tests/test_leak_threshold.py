@@ -17,7 +17,11 @@ import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
+from flask_staleguard.core.guard import PoolGuard
+from flask_staleguard.core.options import GuardOptions
+from flask_staleguard.core.redact import Secrets
 from tests.helpers import AppFactory
+from tests.helpers import FakeClock
 from tests.servers import MariaDBServer
 
 POOL = {"pool_size": 3, "max_overflow": 0, "pool_timeout": 2}
@@ -100,48 +104,82 @@ def test_connection_held_past_threshold_is_reported_with_its_site(
     assert app.extensions["staleguard"].binds[None].holders.checked_out == {}
 
 
+@pytest.fixture()
+def clocked(
+    mariadb: MariaDBServer,
+) -> Iterator[t.Callable[..., tuple[sa.engine.Engine, FakeClock]]]:
+    """An engine guarded by a ``PoolGuard`` on a fake clock: the threshold's
+    timing logic without sleeping.
+    """
+    engines: list[sa.engine.Engine] = []
+
+    def build(
+        threshold: float | None, owner: t.Callable[[], t.Any] | None = None
+    ) -> tuple[sa.engine.Engine, FakeClock]:
+        engine = sa.create_engine(mariadb.url, **POOL)
+        engines.append(engine)
+        clock = FakeClock()
+        options = GuardOptions(leak_threshold=threshold)
+        guard = PoolGuard(
+            None,
+            "default",
+            Secrets(engine.url),
+            "mysql",
+            options,
+            28800,
+            owner=owner,
+            clock=clock,
+        )
+        guard.attach(engine)  # its listeners keep it alive with the engine
+        return engine, clock
+
+    yield build
+    for engine in engines:
+        engine.dispose()
+
+
+def use(engine: sa.engine.Engine) -> None:
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+
+
 @pytest.mark.parametrize(
-    "config",
-    [{}, {"STALEGUARD_LEAK_THRESHOLD": 5}],
-    ids=["no threshold", "held under the threshold"],
+    "threshold", [None, 5.0], ids=["no threshold", "held under the threshold"]
 )
 def test_nothing_is_reported(
-    app_db: t.Callable[..., tuple[Flask, SQLAlchemy]],
+    clocked: t.Callable[..., tuple[sa.engine.Engine, FakeClock]],
     guard_log: t.Any,
-    config: dict[str, t.Any],
+    threshold: float | None,
 ) -> None:
-    app, db = app_db(**config)
-    with app.app_context():
-        engine = db.engine
+    engine, clock = clocked(threshold)
     with Holder(engine):
-        checkout_once(app, db)
-        time.sleep(1.2)
-        checkout_once(app, db)
+        use(engine)
+        clock.advance(1.2)
+        use(engine)
     assert held_reports(guard_log) == []
 
 
 def test_connection_held_inside_an_app_context_is_not_reported(
-    app_db: t.Callable[..., tuple[Flask, SQLAlchemy]], guard_log: t.Any
+    clocked: t.Callable[..., tuple[sa.engine.Engine, FakeClock]], guard_log: t.Any
 ) -> None:
-    # A long request is teardown's business, not the threshold's.
-    app, db = app_db(STALEGUARD_LEAK_THRESHOLD=0.5)
-    with app.app_context(), db.engine.connect() as held:
+    # A long request is teardown's business, not the threshold's: every checkout
+    # here has an owner, as one inside an app context has.
+    engine, clock = clocked(0.5, owner=lambda: "a context")
+    with engine.connect() as held:
         held.execute(sa.text("SELECT 1"))
-        checkout_once(app, db)
-        time.sleep(1.2)
-        checkout_once(app, db)
+        use(engine)
+        clock.advance(1.2)
+        use(engine)
     assert held_reports(guard_log) == []
 
 
 def test_a_new_holder_of_a_reported_connection_is_reported_again(
-    app_db: t.Callable[..., tuple[Flask, SQLAlchemy]], guard_log: t.Any
+    clocked: t.Callable[..., tuple[sa.engine.Engine, FakeClock]], guard_log: t.Any
 ) -> None:
-    app, db = app_db(STALEGUARD_LEAK_THRESHOLD=0.5)
-    with app.app_context():
-        engine = db.engine
+    engine, clock = clocked(0.5)
     for _ in range(2):
         with Holder(engine):
-            checkout_once(app, db)
-            time.sleep(1.2)
-            checkout_once(app, db)
+            use(engine)
+            clock.advance(1.2)
+            use(engine)
     assert len(held_reports(guard_log)) == 2
