@@ -6,6 +6,7 @@ Scenarios (``--scenarios``, comma-separated; default all):
 ``latency``     the same through a delaying TCP proxy
 ``reconnects``  reconnects and stale errors per traffic pattern
 ``statements``  what the guard's one statement-level listener costs a statement
+``keepalive``   what setting the TCP keepalive costs a new connection
 
 Writes ``<out>/<stamp>-<mode>[-label].md`` (the tables, also printed),
 ``.json`` (a pyperf suite: every variant's per-round values, the machine and
@@ -29,7 +30,7 @@ from . import db as dbmod
 from . import REPO
 from . import report
 
-SCENARIOS = ("pool", "latency", "reconnects", "statements")
+SCENARIOS = ("pool", "latency", "reconnects", "statements", "keepalive")
 VARIANTS = ["bare", "pre_ping", "recycle", "guard"]
 
 #: Per mode: how long each scenario may run. ``full`` takes about 6 minutes,
@@ -47,6 +48,7 @@ PLANS: dict[str, dict[str, t.Any]] = {
         },
         "reconnects": {"busy_seconds": 12.0, "idle_cycles": 3},
         "statements": {"rounds": 60, "statements": 2000},
+        "keepalive": {"rounds": 20, "connections": 50},
     },
     "quick": {
         "pool": {"rounds": 8, "requests": 400, "time_limit": 18.0},
@@ -58,6 +60,7 @@ PLANS: dict[str, dict[str, t.Any]] = {
         },
         "reconnects": {"busy_seconds": 5.0, "idle_cycles": 1},
         "statements": {"rounds": 10, "statements": 500},
+        "keepalive": {"rounds": 6, "connections": 20},
     },
 }
 
@@ -194,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
             log("scenario statements: the handle_error listener, per statement")
             p = plan["statements"]
             found_lines, found = statements.run(log=log, **p)
+            lines += found_lines
+            benchmarks += found
+        if "keepalive" in args.scenario_list:
+            from . import keepalive
+
+            log("scenario keepalive: setting it, per new connection")
+            found_lines, found = keepalive.run(url, log=log, **plan["keepalive"])
             lines += found_lines
             benchmarks += found
         if "reconnects" in args.scenario_list:

@@ -91,6 +91,16 @@ def _in_flight_steps(sleep_sql: str) -> list[dict[str, t.Any]]:
     ]
 
 
+def _ping_steps() -> list[dict[str, t.Any]]:
+    # The path dies and the next request comes at once: pre_ping's ping is the
+    # first to meet the dead path, with data of its own waiting for an answer.
+    return [
+        {"do": "warm", "n": 1},
+        {"do": "drop"},
+        {"do": "request", "watchdog": WATCHDOG},
+    ]
+
+
 class Driver(t.NamedTuple):
     server: str  # "mariadb" or "postgres"
     scheme: str  # SQLAlchemy dialect+driver
@@ -152,6 +162,13 @@ def _specs(urls: dict[str, str]) -> dict[str, Spec]:
     specs["pymysql-in-flight-none"] = spec(
         "pymysql", True, WITHOUT_KEEPALIVE, _in_flight_steps("SELECT SLEEP(3)")
     )
+    for name, config in (("keepalive", WITH_KEEPALIVE), ("none", WITHOUT_KEEPALIVE)):
+        specs[f"pymysql-pre-ping-{name}"] = spec(
+            "pymysql",
+            True,
+            {**config, "STALEGUARD_STRATEGY": "pre_ping"},
+            _ping_steps(),
+        )
     return specs
 
 
@@ -307,3 +324,27 @@ def test_statement_in_flight_hangs_without_keepalive(
     [cut] = requests(result, 0)
     assert cut["dropped"]["ports"], result
     assert result["hung"] and cut["hung"], result
+
+
+# -- pre_ping's ping on a dead path --------------------------------------------
+
+
+def test_pre_pings_ping_is_bounded_by_the_keepalive_window(
+    scenarios: dict[str, Scenario],
+) -> None:
+    result = scenarios["pymysql-pre-ping-keepalive"].result()
+    [request] = requests(result)
+    assert not result["hung"] and request["ok"], result
+    # The unanswered ping gave up after the window (TCP_USER_TIMEOUT), and
+    # pre_ping reconnected: a slow request, not a hung or failed one.
+    assert request["seconds"] < KEEPALIVE_WINDOW + 3, result
+    assert request["conn_id"] not in step(result, "warm")["conn_ids"], result
+    print(f"pre_ping on a dead path answered after {request['seconds']} s")
+
+
+def test_pre_pings_ping_hangs_without_keepalive(
+    scenarios: dict[str, Scenario],
+) -> None:
+    result = scenarios["pymysql-pre-ping-none"].result()
+    [request] = requests(result)
+    assert result["hung"] and request["hung"], result
