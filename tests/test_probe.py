@@ -97,3 +97,12 @@ def test_server_kill_and_timeout_are_seen(mariadb: MariaDBServer) -> None:
                 conn.close()
             except Exception:
                 pass
+
+
+def test_a_postgres_fatal_on_an_idle_connection_is_its_last_word() -> None:
+    fields = b"SFATAL\0VFATAL\0C57P01\0Mterminating connection\0\0"
+    error = b"E" + (4 + len(fields)).to_bytes(4, "big") + fields
+    assert probe.postgres_verdict(error) == (probe.SERVER_ERROR, "SQLSTATE 57P01")
+    notify = b"A" + (4 + 9).to_bytes(4, "big") + b"\0\0\0\x01ch\0\0"
+    assert probe.postgres_verdict(notify) == (probe.UNKNOWN, "")
+    assert probe.postgres_verdict(b"\x17\x03\x03\x00\x20") == (probe.UNKNOWN, "")

@@ -250,8 +250,10 @@ class CheckoutChecks:
         detail = ""
         if self._kind == "mysql":
             reason, detail = probe.mysql_verdict(data, state.tls)
-            if reason != probe.UNKNOWN:
-                raise self._replace(reason, idle, detail)
+        elif self._kind == "postgresql":
+            reason, detail = probe.postgres_verdict(data)
+        if reason != probe.UNKNOWN:
+            raise self._replace(reason, idle, detail)
         # Bytes nobody can classify here (TLS records, a NOTIFY): one real ping
         # decides, rather than trusting or discarding blindly; within the time
         # limit, as a silently dropped path would never answer.

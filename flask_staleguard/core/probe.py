@@ -180,6 +180,24 @@ def mysql_verdict(data: bytes, tls: bool | None) -> tuple[str, str]:
     return UNREAD, f"{len(data)}{'+' if len(data) == _PEEK_BYTES else ''} bytes"
 
 
+def postgres_verdict(data: bytes) -> tuple[str, str]:
+    """What bytes waiting on an idle PostgreSQL connection mean, with a detail.
+
+    An ErrorResponse on an idle connection is always the server's last word (a
+    FATAL: ``pg_terminate_backend``, ``idle_session_timeout``, a shutdown), as
+    PostgreSQL sends errors unasked only before it closes. Anything else (a
+    NOTIFY, a notice, a parameter change, TLS records) is no verdict: a ping
+    decides.
+    """
+    if len(data) >= 5 and data[:1] == b"E":
+        length = int.from_bytes(data[1:5], "big")
+        if 4 < length < 1 << 20:
+            codes = [f[1:] for f in data[5:].split(b"\0") if f[:1] == b"C"]
+            sqlstate = codes[0].decode("ascii", "replace") if codes else "?"
+            return SERVER_ERROR, f"SQLSTATE {sqlstate}"
+    return UNKNOWN, ""
+
+
 def mysql_error_code(data: bytes) -> int | None:
     """The error code of a MySQL ERR packet at the start of ``data``, else ``None``.
 
