@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typing as t
 
+from .core.protect import protect as protect
 from .errors import ConfigError as ConfigError
 from .errors import ConnectionReclaimed as ConnectionReclaimed
 from .errors import LeakError as LeakError

@@ -68,10 +68,14 @@ def socket_fd(dbapi_connection: t.Any) -> int | None:
     """The file descriptor of a DBAPI connection's socket, if the driver has one.
 
     PyMySQL keeps it in ``_sock`` (there is no public accessor); mysqlclient,
-    psycopg and psycopg2 have ``fileno()``.
+    psycopg and psycopg2 have ``fileno()``. Behind SQLAlchemy's asyncio adapter,
+    the driver's own connection (``driver_connection``) is asked the same.
     """
     from .._private import pymysql_socket
 
+    inner = getattr(dbapi_connection, "driver_connection", None)
+    if inner is not None and inner is not dbapi_connection:
+        return socket_fd(inner)
     try:
         sock = pymysql_socket(dbapi_connection)
         if sock is not None:
