@@ -105,36 +105,52 @@ def protect(
     Nothing is asked of the server here: the first connection says its idle
     timeout (until then, the server's default is assumed), so this never blocks.
     """
-    settings = guard_options(options)
     sync_engine = getattr(engine, "sync_engine", engine)
-    url = sync_engine.url
+    label = name or sync_engine.url.database or sync_engine.url.get_backend_name()
+    return Protection(guard_engine(sync_engine, label, guard_options(options)))
+
+
+def guard_engine(
+    engine: sa.engine.Engine,
+    name: str,
+    options: GuardOptions,
+    *,
+    key: t.Any = None,
+    **scope: t.Callable[..., t.Any] | None,
+) -> PoolGuard:
+    """A guard on an engine that exists already, attached to its pool.
+
+    ``scope`` is :class:`PoolGuard`'s ``owner``, ``request`` and ``describe``.
+    Derived pool options apply only where the pool has SQLAlchemy's default.
+    """
+    url = engine.url
     kind = flavor(url)
     if kind == "sqlite":
-        settings = GuardOptions(strategy="off", keepalive=None)
-    server_timeout = settings.server_timeout
-    provisional = server_timeout is None and settings.strategy != "off"
+        options = GuardOptions(strategy="off", keepalive=None)
+    server_timeout = options.server_timeout
+    provisional = server_timeout is None and options.strategy != "off"
     if provisional:
         server_timeout = fallback_timeout(kind)
     guard = PoolGuard(
-        None,
-        name or url.database or kind,
+        key,
+        name,
         Secrets(url),
         kind,
-        settings,
+        options,
         server_timeout,
         provisional=provisional,
+        **scope,  # type: ignore[arg-type]
     )
-    pool = sync_engine.pool
-    for option, value in derive_engine_options(
-        settings.strategy, guard.idle.finite
-    ).items():
+    pool = engine.pool
+    derived = derive_engine_options(options.strategy, guard.idle.finite)
+    for option, value in derived.items():
         if not _private.can_set_pool_option(pool, option):
             continue
         if _private.pool_option(pool, option) != _POOL_DEFAULTS[option]:
             continue  # set by the user: theirs wins
         _private.set_pool_option(pool, option, value)
         guard.applied[option] = value
-    guard.attach(sync_engine)
+    guard.attach(engine)
     logger.info(
         "pool %s (%s): strategy %s, server idle timeout %s%s, engine options %s",
         guard.name,
@@ -144,4 +160,4 @@ def protect(
         " (until the first connection says)" if provisional else "",
         guard.applied or "unchanged",
     )
-    return Protection(guard)
+    return guard

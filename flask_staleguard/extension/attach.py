@@ -26,6 +26,7 @@ from ..core.discovery import flavor
 from ..core.guard import PoolGuard
 from ..core.plugin import NAME as PLUGIN
 from ..core.plugin import token_for
+from ..core.protect import guard_engine
 from ..core.redact import Secrets
 from ..core.units import seconds_text
 from ..errors import NoAnswer
@@ -97,6 +98,30 @@ def new_bind_guard(
         request=current_request,
         describe=describe_request,
     )
+
+
+def add_engine(
+    app: Flask, state: GuardState, engine: sa.engine.Engine, name: str
+) -> PoolGuard:
+    """Guard an engine the app made itself, under ``name`` among its binds."""
+    taken = {bind_name(k) for k in state.binds}
+    if name in taken:
+        raise ValueError(
+            f"guard.add_engine(): the name {name!r} is taken by a bind of app"
+            f" {app.name}; its binds are: {', '.join(sorted(taken))}."
+        )
+    guard = guard_engine(
+        engine,
+        name,
+        state.settings.options_for(name),
+        key=name,
+        owner=current_context,
+        request=current_request,
+        describe=describe_request,
+    )
+    state.engines[name] = engine
+    state.add(guard)
+    return guard
 
 
 def _log_bind(bind: PoolGuard) -> None:
@@ -195,7 +220,7 @@ def attach_at_first_context(app: Flask, state: GuardState) -> None:
                 attach_to_engines(app, db, state)
             elif app.extensions.get("sqlalchemy") is not None:
                 not_guarded(app, binds.type_name(app.extensions["sqlalchemy"]))
-            else:
+            elif not state.engines:
                 logger.warning(
                     "app %s: no Flask-SQLAlchemy by its first app context, and"
                     " neither SQLALCHEMY_DATABASE_URI nor SQLALCHEMY_BINDS set:"

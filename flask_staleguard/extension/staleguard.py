@@ -10,6 +10,7 @@ from sqlalchemy.orm import scoped_session
 from ..report.cli import cli
 from . import binds
 from . import teardown
+from .attach import add_engine
 from .attach import attach_at_first_context
 from .attach import attach_to_engines
 from .attach import configure_binds
@@ -73,6 +74,18 @@ class StaleGuard:
         app.extensions[EXTENSION_KEY] = state
         teardown.install(app, state)
         app.cli.add_command(cli)
+
+    def add_engine(self, app: Flask, engine: t.Any, name: str) -> None:
+        """Guard an ``Engine`` or ``AsyncEngine`` the app made itself (the
+        "SQLAlchemy in Flask" pattern), as a bind called ``name``: the commands,
+        :meth:`stats`, signals and leak reports include it. It takes the app's
+        ``STALEGUARD_*`` values (per-bind dicts name Flask-SQLAlchemy's binds:
+        give an added engine plain numbers).
+        Call it after :meth:`init_app`; it never blocks (the first connection
+        says the server's idle timeout).
+        """
+        state = get_state(app, method="guard.add_engine")
+        add_engine(app, state, getattr(engine, "sync_engine", engine), name)
 
     def register_session(self, session: scoped_session[t.Any]) -> None:
         """Remove ``session``'s current session at teardown, as ``db.session`` is."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import typing as t
 
+import sqlalchemy as sa
 from flask import current_app
 from flask import Flask
 from flask import has_app_context
@@ -27,6 +28,8 @@ class GuardState:
     guard: StaleGuard
     settings: Settings
     binds: dict[BindKey, PoolGuard] = dataclasses.field(default_factory=dict)
+    #: Engines the app made itself and added with ``guard.add_engine()``, by name.
+    engines: dict[BindKey, sa.engine.Engine] = dataclasses.field(default_factory=dict)
     #: Each bind's connections checked out now (the teardown's quick test).
     held: list[dict[t.Any, t.Any]] = dataclasses.field(default_factory=list)
     #: ``True`` while the guard waits for the app's first context to attach.

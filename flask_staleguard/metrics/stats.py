@@ -15,7 +15,7 @@ class BindStats:
     checkouts: int = 0
     #: Connections replaced at checkout, by reason: ``idle_budget``, ``probe_eof``
     #: (FIN), ``probe_reset`` (RST), ``probe_server_error`` (an error packet, as
-    #: MySQL 8's 4031), ``probe_unread`` (a reply nobody read),
+    #: MySQL 8's 4031 or PostgreSQL's FATAL), ``probe_unread`` (a reply nobody read),
     #: ``probe_timed_out`` (the kernel's keepalive gave up: a dead path),
     #: ``probe_ping_failed``, ``probe_ping_timeout``, ``fork``.
     replaced: dict[str, int] = dataclasses.field(default_factory=dict)

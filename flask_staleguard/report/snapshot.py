@@ -40,7 +40,12 @@ def select_binds(app: Flask, name: str | None = None) -> list[PoolGuard]:
 
 
 def engine_for(app: Flask, key: BindKey) -> sa.engine.Engine:
-    """The engine Flask-SQLAlchemy made for ``key`` on ``app``."""
+    """The engine Flask-SQLAlchemy made for ``key`` on ``app``, or the one the
+    app added with :meth:`~flask_staleguard.StaleGuard.add_engine`.
+    """
+    added = get_state(app).engines.get(key)
+    if added is not None:
+        return added
     db = app.extensions.get("sqlalchemy")
     if db is None:
         raise RuntimeError(
