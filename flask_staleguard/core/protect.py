@@ -116,12 +116,14 @@ def guard_engine(
     options: GuardOptions,
     *,
     key: t.Any = None,
-    **scope: t.Callable[..., t.Any] | None,
+    owner: t.Callable[[], t.Any] | None = None,
+    request: t.Callable[[], t.Any] | None = None,
+    describe: t.Callable[[t.Any], str] | None = None,
 ) -> PoolGuard:
     """A guard on an engine that exists already, attached to its pool.
 
-    ``scope`` is :class:`PoolGuard`'s ``owner``, ``request`` and ``describe``.
-    Derived pool options apply only where the pool has SQLAlchemy's default.
+    ``owner``, ``request`` and ``describe`` are :class:`PoolGuard`'s. Derived pool
+    options apply only where the pool still has SQLAlchemy's default.
     """
     url = engine.url
     kind = flavor(url)
@@ -139,7 +141,9 @@ def guard_engine(
         options,
         server_timeout,
         provisional=provisional,
-        **scope,  # type: ignore[arg-type]
+        owner=owner,
+        request=request,
+        describe=describe,
     )
     pool = engine.pool
     derived = derive_engine_options(options.strategy, guard.idle.finite)
