@@ -75,6 +75,13 @@ def sessions_open(session: t.Any) -> bool:
     return bool(registry.has())
 
 
+def pop_lite_sessions(g: t.Any) -> dict[str, t.Any]:
+    """The sessions Flask-SQLAlchemy-Lite cached on ``g`` and has not closed
+    (its teardown did not run): taken off ``g``, as its own teardown does.
+    """
+    return dict(g.pop("_sqlalchemy_sessions", None) or {})
+
+
 def pymysql_socket(dbapi_connection: t.Any) -> t.Any:
     """PyMySQL's socket (a ``socket`` or ``ssl.SSLSocket``); it has no accessor."""
     return getattr(dbapi_connection, "_sock", None)

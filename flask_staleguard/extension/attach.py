@@ -46,7 +46,8 @@ def not_guarded(app: Flask, what: str) -> None:
     """Say once that ``app``'s engines are left alone."""
     logger.warning(
         "app %s: %s is not supported yet; flask-staleguard leaves its engines"
-        " alone and guards nothing (only Flask-SQLAlchemy's engines are guarded)",
+        " alone and guards nothing (Flask-SQLAlchemy's and Flask-SQLAlchemy-Lite's"
+        " engines are guarded, and those given to guard.add_engine())",
         app.name,
         what,
     )
@@ -122,6 +123,21 @@ def add_engine(
     state.engines[name] = engine
     state.add(guard)
     return guard
+
+
+def attach_to_lite(app: Flask, db: t.Any, state: GuardState) -> None:
+    """Guard each engine Flask-SQLAlchemy-Lite made (its async engines as
+    ``async/<name>``), as :func:`add_engine` guards an engine made by hand.
+    """
+    if current_app_is(app):
+        engines, async_engines = dict(db.engines), dict(db.async_engines)
+    else:
+        with app.app_context():
+            engines, async_engines = dict(db.engines), dict(db.async_engines)
+    for name, engine in engines.items():
+        add_engine(app, state, engine, name)
+    for name, engine in async_engines.items():
+        add_engine(app, state, engine.sync_engine, f"{binds.ASYNC_PREFIX}{name}")
 
 
 def _log_bind(bind: PoolGuard) -> None:
@@ -209,7 +225,10 @@ def attach_at_first_context(app: Flask, state: GuardState) -> None:
             if not state.binds_pending:
                 return
             db = binds.flask_sqlalchemy(app)
-            if db is not None:
+            other = app.extensions.get("sqlalchemy")
+            if other is not None and binds.is_lite(other):
+                attach_to_lite(app, other, state)
+            elif db is not None:
                 logger.warning(
                     "app %s: neither SQLALCHEMY_DATABASE_URI nor SQLALCHEMY_BINDS"
                     " was set when guard.init_app(app) ran; the guard attached to"
@@ -218,8 +237,8 @@ def attach_at_first_context(app: Flask, state: GuardState) -> None:
                     app.name,
                 )
                 attach_to_engines(app, db, state)
-            elif app.extensions.get("sqlalchemy") is not None:
-                not_guarded(app, binds.type_name(app.extensions["sqlalchemy"]))
+            elif other is not None:
+                not_guarded(app, binds.type_name(other))
             elif not state.engines:
                 logger.warning(
                     "app %s: no Flask-SQLAlchemy by its first app context, and"

@@ -63,6 +63,26 @@ def add_engine_options(
     config[BINDS] = binds
 
 
+#: Flask-SQLAlchemy-Lite's config keys: engine name to URL or options.
+LITE_ENGINES = "SQLALCHEMY_ENGINES"
+LITE_ASYNC_ENGINES = "SQLALCHEMY_ASYNC_ENGINES"
+#: How an async engine of Flask-SQLAlchemy-Lite is named among the binds: its
+#: sync engines may have the same names.
+ASYNC_PREFIX = "async/"
+
+
+def is_lite(extension: object) -> bool:
+    """Whether ``extension`` is Flask-SQLAlchemy-Lite's (without importing it)."""
+    return type(extension).__module__.startswith("flask_sqlalchemy_lite")
+
+
+def lite_names(config: t.Mapping[str, t.Any]) -> list[str]:
+    """The bind names of the engines Flask-SQLAlchemy-Lite makes from ``config``."""
+    return [*(config.get(LITE_ENGINES) or {})] + [
+        f"{ASYNC_PREFIX}{name}" for name in config.get(LITE_ASYNC_ENGINES) or {}
+    ]
+
+
 def type_name(extension: object) -> str:
     """``module.Class`` of an extension, for "not supported" messages."""
     return f"{type(extension).__module__}.{type(extension).__name__}"

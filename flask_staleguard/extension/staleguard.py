@@ -13,6 +13,7 @@ from . import teardown
 from .attach import add_engine
 from .attach import attach_at_first_context
 from .attach import attach_to_engines
+from .attach import attach_to_lite
 from .attach import configure_binds
 from .attach import not_guarded
 from .config import bind_name
@@ -22,12 +23,10 @@ from .state import EXTENSION_KEY
 from .state import get_state
 from .state import GuardState
 
-#: Config keys of Flask-SQLAlchemy-Lite, which the guard does not support yet.
-_LITE_KEYS = ("SQLALCHEMY_ENGINES", "SQLALCHEMY_ASYNC_ENGINES")
-
 
 class StaleGuard:
-    """Keeps stale pooled connections away from a Flask-SQLAlchemy app.
+    """Keeps stale pooled connections away from a Flask-SQLAlchemy or
+    Flask-SQLAlchemy-Lite app.
 
     Call :meth:`init_app` before ``db.init_app(app)`` so the derived engine
     options reach the engines Flask-SQLAlchemy creates; called later, the guard
@@ -63,12 +62,18 @@ class StaleGuard:
             if configs:
                 state.settings = state.settings.for_binds(configs)
                 configure_binds(configs, app.config, state)
-            elif any(app.config.get(k) for k in _LITE_KEYS):
-                not_guarded(app, "SQLALCHEMY_ENGINES is set: Flask-SQLAlchemy-Lite")
             else:
+                # Flask-SQLAlchemy-Lite, or a database configured later: the
+                # engines exist by the app's first app context.
+                names = binds.lite_names(app.config)
+                if names:
+                    state.settings = state.settings.for_binds(names)
                 attach_at_first_context(app, state)
         elif binds.flask_sqlalchemy(app) is db:
             attach_to_engines(app, db, state)
+        elif binds.is_lite(db):
+            state.settings = state.settings.for_binds(binds.lite_names(app.config))
+            attach_to_lite(app, db, state)
         else:
             not_guarded(app, binds.type_name(db))
         app.extensions[EXTENSION_KEY] = state

@@ -16,9 +16,11 @@ import typing as t
 from flask import Flask
 from sqlalchemy.orm import scoped_session
 
+from .._private import pop_lite_sessions
 from .._private import sessions_open
 from ..errors import LeakError
 from .binds import flask_sqlalchemy
+from .binds import is_lite
 from .contexts import current_context
 from .contexts import TEARDOWNS_STOP_AT_FIRST_ERROR
 from .leaks import defer_for_streams
@@ -97,10 +99,36 @@ def clean_up(
             remove_session(db.session, "db.session", left_by=_culprit(failure))
         for session in state.guard.sessions:
             remove_session(session, repr(session))
+        if ctx is not None and is_lite(app.extensions.get("sqlalchemy")):
+            close_lite_sessions(ctx, _culprit(failure))
     except Exception:
         logger.exception("flask-staleguard: clean-up at teardown failed")
     if ctx is not None and not streaming(ctx):
         reclaim_leaks(state, ctx)
+
+
+def close_lite_sessions(ctx: t.Any, left_by: str) -> None:
+    """Close the sessions Flask-SQLAlchemy-Lite left on ``g``: its teardown did
+    not run (Flask 3.1 and older stop at the first teardown that raises).
+    """
+    for name, session in pop_lite_sessions(ctx.g).items():
+        try:
+            session.close()
+        except Exception as e:
+            logger.warning(
+                "Flask-SQLAlchemy-Lite's session %r could not be closed at"
+                " teardown (%s: %s); it was discarded",
+                name,
+                type(e).__name__,
+                e,
+            )
+            continue
+        logger.warning(
+            "Flask-SQLAlchemy-Lite's session %r was still open after teardown (%s);"
+            " it was closed and its connection returned",
+            name,
+            left_by.replace("Flask-SQLAlchemy's", "Flask-SQLAlchemy-Lite's"),
+        )
 
 
 def _culprit(failure: BaseException | None) -> str:
