@@ -155,3 +155,20 @@ def test_an_unknown_per_engine_key_is_an_error(
 
     with pytest.raises(ConfigError, match="the key 'reprots', which is not a bind"):
         lite(STALEGUARD_IDLE_TIMEOUT={"reprots": 100})
+
+
+def test_the_private_name_of_its_cached_sessions(
+    lite: t.Callable[..., LiteApp],
+) -> None:
+    # About internals: the one private name of Flask-SQLAlchemy-Lite the guard
+    # uses (flask_staleguard._private.pop_lite_sessions) is still where it was.
+    from flask import g
+
+    from flask_staleguard._private import pop_lite_sessions
+
+    m = lite()
+    with m.app.app_context():
+        session = m.db.session
+        assert pop_lite_sessions(g) == {"default": session}
+        assert pop_lite_sessions(g) == {}
+        session.close()
