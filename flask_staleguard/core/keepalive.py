@@ -61,6 +61,11 @@ def keepalive_for(
 _IDLE_NAMES = ("TCP_KEEPIDLE", "TCP_KEEPALIVE")
 
 
+def _idle_option(module: t.Any) -> int | None:
+    """The platform's option for the silence before the first probe, if any."""
+    return next((getattr(module, n) for n in _IDLE_NAMES if hasattr(module, n)), None)
+
+
 def socket_options(
     keepalive: Keepalive, module: t.Any = socket
 ) -> list[tuple[int, int, int]]:
@@ -72,7 +77,7 @@ def socket_options(
     """
     sol, tcp = module.SOL_SOCKET, module.IPPROTO_TCP
     calls = [(sol, module.SO_KEEPALIVE, 1)]
-    idle = next((getattr(module, n) for n in _IDLE_NAMES if hasattr(module, n)), None)
+    idle = _idle_option(module)
     if idle is not None:
         calls.append((tcp, idle, keepalive.idle))
     if hasattr(module, "TCP_KEEPINTVL"):
@@ -104,7 +109,7 @@ def read_keepalive(sock: t.Any) -> dict[str, t.Any] | None:
         return None
     enabled = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
     found: dict[str, t.Any] = {"enabled": enabled}
-    idle = next((getattr(socket, n) for n in _IDLE_NAMES if hasattr(socket, n)), None)
+    idle = _idle_option(socket)
     for name, option, scale in (
         ("idle", idle, 1),
         ("interval", getattr(socket, "TCP_KEEPINTVL", None), 1),

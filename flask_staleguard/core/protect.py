@@ -9,6 +9,7 @@ Flask extension's.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import typing as t
 
@@ -128,7 +129,7 @@ def guard_engine(
     url = engine.url
     kind = flavor(url)
     if kind == "sqlite":
-        options = GuardOptions(strategy="off", keepalive=None)
+        options = dataclasses.replace(options, strategy="off")
     server_timeout = options.server_timeout
     provisional = server_timeout is None and options.strategy != "off"
     if provisional:
