@@ -64,6 +64,34 @@ def constructor_engine_options(db: t.Any) -> dict[str, t.Any]:
     return dict(getattr(db, "_engine_options", None) or {})
 
 
+def veto_disconnects(dialect: t.Any, veto: t.Callable[[BaseException], bool]) -> None:
+    """Make this dialect instance's ``is_disconnect`` answer no where ``veto``
+    says so, on every path SQLAlchemy asks it (statements, pings).
+
+    The public way is a ``handle_error`` listener, but any dialect listener makes
+    SQLAlchemy look up listeners around every statement; this costs only errors.
+    One veto per dialect: a second call leaves the first in place.
+    """
+    original = dialect.is_disconnect
+    if hasattr(original, "staleguard_veto"):
+        return
+
+    def is_disconnect(e: t.Any, connection: t.Any, cursor: t.Any) -> bool:
+        return bool(original(e, connection, cursor)) and not veto(e)
+
+    is_disconnect.staleguard_veto = veto  # type: ignore[attr-defined]
+    dialect.is_disconnect = is_disconnect
+
+
+def checked_out_proxy(record: t.Any) -> t.Any:
+    """The proxy (``_ConnectionFairy``) of a checked-out connection record, while
+    its holder keeps it; ``None`` once it is gone. SQLAlchemy keeps a weak
+    reference to it on the record (``fairy_ref``): no public accessor.
+    """
+    ref = record.fairy_ref
+    return None if ref is None else ref()
+
+
 def sessions_open(session: t.Any) -> bool:
     """Whether a scoped session holds a session for any scope: a quick test,
     without calling the scope function as the public ``registry.has()`` does.

@@ -113,6 +113,20 @@ def test_a_taken_back_proxy_raises_for_its_holder_and_closes_quietly(
         engine.dispose()
 
 
+def test_checked_out_proxy_is_the_holders_proxy_while_it_lives(
+    mariadb_url: str,
+) -> None:
+    engine = sa.create_engine(mariadb_url, pool_size=1, max_overflow=0)
+    try:
+        proxy = engine.raw_connection()
+        record = proxy._connection_record
+        assert _private.checked_out_proxy(record) is proxy
+        proxy.close()
+        assert _private.checked_out_proxy(record) is None
+    finally:
+        engine.dispose()
+
+
 def _private_attributes(path: Path) -> set[str]:
     """Every ``x._name`` attribute read in ``path`` (not dunders)."""
     tree = ast.parse(path.read_text())
@@ -133,14 +147,14 @@ def test_private_names_live_in_one_module() -> None:
     allowed = {"_private", "_get_current_object", "_getframe"}
     outside = {
         path.name: found
-        for path in PACKAGE.glob("*.py")
+        for path in PACKAGE.rglob("*.py")
         if path.name != "_private.py" and (found := _private_attributes(path) - allowed)
     }
     assert outside == {}
 
 
 def test_no_private_flask_import() -> None:
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
@@ -167,3 +181,13 @@ def test_sessions_open_sees_flask_sqlalchemys_registry(mariadb_url: str) -> None
         db.session.remove()
         assert not _private.sessions_open(db.session)
         db.engine.dispose()
+
+
+def test_veto_disconnects_answers_no_once_per_dialect(mariadb_url: str) -> None:
+    engine = sa.create_engine(mariadb_url)
+    gone = pymysql.err.OperationalError(2006, "MySQL server has gone away")
+    assert engine.dialect.is_disconnect(gone, None, None)
+    _private.veto_disconnects(engine.dialect, lambda e: True)
+    _private.veto_disconnects(engine.dialect, lambda e: False)  # left alone
+    assert not engine.dialect.is_disconnect(gone, None, None)
+    assert sa.create_engine(mariadb_url).dialect.is_disconnect(gone, None, None)

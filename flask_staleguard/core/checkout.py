@@ -24,6 +24,7 @@ from . import probe
 from .budget import IdleBudget
 from .deadline import shut_down_after
 from .discovery import session_idle_timeout
+from .holders import Holders
 from .keepalive import Keepalive
 from .keepalive import set_keepalive
 
@@ -82,7 +83,9 @@ class CheckoutChecks:
 
     Every strategy but ``"off"`` learns each new connection's idle timeout and
     times its idling; ``"guard"`` also checks it at checkout. Connections from
-    before a fork are dropped in every strategy.
+    before a fork are dropped in every strategy. The same two listeners tell
+    ``holders`` who holds what: SQLAlchemy's dispatch of each pool listener costs
+    about as much as the checks themselves.
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class CheckoutChecks:
         stats: BindStats,
         replace: Replace,
         learn: t.Callable[[float | None], None],
+        holders: Holders,
         clock: t.Callable[[], float] = time.monotonic,
         keepalive: Keepalive | None = None,
     ) -> None:
@@ -106,6 +110,8 @@ class CheckoutChecks:
         self._stats = stats
         self._replace = replace
         self._learn = learn
+        self._hold = holders.hold
+        self._held = holders.checked_out
         self._clock = clock
         #: The TCP keepalive every new connection gets; ``None``: the driver's.
         self.keepalive = keepalive
@@ -202,32 +208,36 @@ class CheckoutChecks:
         self, dbapi_connection: t.Any, record: t.Any, proxy: t.Any
     ) -> None:
         self._stats.checkouts += 1
+        now = self._clock()
         state = record.info.get(STATE)
-        if state is None:
-            return  # opened before the guard attached: its state comes at checkin
-        if state.returned is None:
-            # Brand new: it has not idled, but a KILL or a restart between its
-            # connect and this checkout already shows on its socket.
-            socket_probe = state.probe
-            if self._guarding and socket_probe is not None and socket_probe.poll(0):
-                self._judge(socket_probe.peek(), dbapi_connection, state)
-            return
-        if state.pid != _pid:
-            # Closing the parent's socket would send COM_QUIT on the parent's
-            # connection; drop it instead (SQLAlchemy's multiprocessing recipe).
-            record.dbapi_connection = proxy.dbapi_connection = None
-            raise self._replace("fork", None, "")
-        idle = state.idle = self._clock() - state.returned
-        if self._guarding:
-            if idle > state.budget:
-                raise self._replace("idle_budget", idle, "")
-            socket_probe = state.probe
-            # poll(0) is the whole check when the socket is quiet, as it is for a
-            # live idle connection: called directly, no Python frame.
-            if socket_probe is not None and socket_probe.poll(0):
-                self._judge(socket_probe.peek(), dbapi_connection, state)
+        # No state: opened before the guard attached; its state comes at checkin.
+        if state is not None:
+            if state.returned is None:
+                # Brand new: it has not idled, but a KILL or a restart between
+                # its connect and this checkout already shows on its socket.
+                socket_probe = state.probe
+                if self._guarding and socket_probe is not None and socket_probe.poll(0):
+                    self._judge(socket_probe.peek(), dbapi_connection, state)
+            elif state.pid != _pid:
+                # Closing the parent's socket would send COM_QUIT on the parent's
+                # connection; drop it instead (SQLAlchemy's multiprocessing recipe).
+                record.dbapi_connection = proxy.dbapi_connection = None
+                raise self._replace("fork", None, "")
+            else:
+                idle = state.idle = now - state.returned
+                if self._guarding:
+                    if idle > state.budget:
+                        raise self._replace("idle_budget", idle, "")
+                    socket_probe = state.probe
+                    # poll(0) is the whole check when the socket is quiet, as it
+                    # is for a live idle connection: called directly, no frame.
+                    if socket_probe is not None and socket_probe.poll(0):
+                        self._judge(socket_probe.peek(), dbapi_connection, state)
+        # Only a connection the checks let through is held.
+        self._hold(record, now)
 
     def _on_checkin(self, dbapi_connection: t.Any, record: t.Any) -> None:
+        self._held.pop(record, None)
         if dbapi_connection is not None:
             state = record.info.get(STATE)
             if state is None:  # opened before the guard attached to its engine

@@ -5,6 +5,7 @@ report of each one the pool meets.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import typing as t
 
@@ -12,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.exc import DisconnectionError
 
+from .._private import veto_disconnects
 from ..errors import LeakError
 from ..metrics.signals import disconnect_seen
 from ..metrics.stats import BindStats
@@ -114,7 +116,7 @@ class DisconnectReports:
         self._dialect = engine.dialect
         event.listen(engine, "invalidate", self._on_invalidate)
         if self._kind == "mysql":
-            event.listen(engine, "handle_error", keep_mariadb_4031)
+            keep_mariadb_4031(engine.dialect)
 
     def _on_invalidate(
         self, dbapi_connection: t.Any, record: t.Any, exception: BaseException | None
@@ -154,17 +156,17 @@ class DisconnectReports:
         return f"{lost} after {idle:.0f} s idle: killed or restarted since"
 
 
-def keep_mariadb_4031(context: sa.engine.ExceptionContext) -> None:
-    """Stop SQLAlchemy taking MariaDB's 4031 for MySQL 8's idle disconnect.
+def keep_mariadb_4031(dialect: t.Any) -> None:
+    """Stop ``dialect`` taking MariaDB's 4031 for MySQL 8's idle disconnect.
 
     On MariaDB 4031 is a trigger error on a live connection; treated as a
-    disconnect it would invalidate the whole pool. A ``handle_error`` listener
-    costs every statement about 0.3 µs (``python -m bench --scenarios
-    statements``), and runs only when one fails.
+    disconnect it would invalidate the whole pool. Only failed statements pay
+    for the check (``python -m bench --scenarios statements``).
     """
-    if (
-        context.is_disconnect
-        and getattr(context.dialect, "is_mariadb", False)
-        and error_code(context.original_exception) in MYSQL_ONLY_GONE
-    ):
-        context.is_disconnect = False
+    veto_disconnects(dialect, functools.partial(_is_mariadb_4031, dialect))
+
+
+def _is_mariadb_4031(dialect: t.Any, error: BaseException) -> bool:
+    return bool(getattr(dialect, "is_mariadb", False)) and (
+        error_code(error) in MYSQL_ONLY_GONE
+    )

@@ -108,6 +108,7 @@ class PoolGuard:
             self.stats,
             self._replace,
             self._learn,
+            self.holders,
             clock,
             self.keepalive,
         )
@@ -124,7 +125,6 @@ class PoolGuard:
         if engine in self._engines:
             return
         self._engines.add(engine)
-        # The checks first: a connection they reject was never held.
         self._checks.attach(engine)
         self.holders.attach(engine)
         self._reports.attach(engine)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import time
 import typing as t
-import weakref
 
 from sqlalchemy import event
 
+from .._private import checked_out_proxy
 from .._private import leave_error_for_holder
 from ..errors import LeakError
 from . import probe
@@ -35,8 +35,6 @@ class Checkout(t.NamedTuple):
     at: float
     #: The request that took it, while the bind names leaks by request.
     request: t.Any
-    #: A weak reference to the proxy the holder has (SQLAlchemy's pool proxy).
-    proxy: weakref.ref[t.Any]
 
 
 def _nobody() -> None:
@@ -62,9 +60,8 @@ class Holders:
         self.threshold = threshold
         #: Connections checked out now, with who took them, where and when: the
         #: fields of a :class:`Checkout`, as a plain tuple (cheaper to build).
-        self.checked_out: dict[
-            t.Any, tuple[t.Any, Site, float, t.Any, weakref.ref[t.Any]]
-        ] = {}
+        #: :meth:`hold` adds to it; the checkin listener removes from it.
+        self.checked_out: dict[t.Any, tuple[t.Any, Site, float, t.Any]] = {}
         #: Whether checkouts by an owner record their site: from the pool's first
         #: leak on, or from the start (``record_sites``, for test suites).
         self.sites = record_sites
@@ -76,16 +73,14 @@ class Holders:
         self._reported: dict[t.Any, tuple[t.Any, ...]] = {}
 
     def attach(self, engine: t.Any) -> None:
-        """Listen to ``engine``'s pool (after the checks: a rejected connection
-        was never held).
+        """Forget connections the pool detaches. Checkouts and checkins come from
+        :class:`~.checkout.CheckoutChecks`' listeners: one listener per pool
+        event keeps SQLAlchemy's dispatch off the hot path.
         """
-        event.listen(engine, "checkout", self._on_checkout)
-        event.listen(engine, "checkin", self._on_return)
-        event.listen(engine, "detach", self._on_return)
+        event.listen(engine, "detach", self._on_detach)
 
-    def _on_checkout(
-        self, dbapi_connection: t.Any, record: t.Any, proxy: t.Any
-    ) -> None:
+    def hold(self, record: t.Any, now: float) -> None:
+        """Note who checked out ``record``'s connection at ``now``."""
         owner = self._owner()
         if owner is not None:
             # The stack walk is most of a checkout's cost, so it waits for the
@@ -94,23 +89,20 @@ class Holders:
             self.checked_out[record] = (
                 owner,
                 checkout_site() if sites else (),
-                self._clock(),
+                now,
                 None if sites else self._request(),
-                weakref.ref(proxy),
             )
         else:
-            held = self.threshold is not None
             self.checked_out[record] = (
                 None,
-                checkout_site() if held else (),
-                self._clock(),
+                checkout_site() if self.threshold is not None else (),
+                now,
                 None,
-                weakref.ref(proxy),
             )
         if self.threshold is not None:
             self._report_held()
 
-    def _on_return(self, dbapi_connection: t.Any, record: t.Any) -> None:
+    def _on_detach(self, dbapi_connection: t.Any, record: t.Any) -> None:
         self.checked_out.pop(record, None)
 
     def leaks_of(self, owner: t.Any) -> list[tuple[t.Any, Checkout]]:
@@ -130,13 +122,12 @@ class Holders:
     def forget_owner(self, record: t.Any, checkout: Checkout) -> None:
         """From now on ``record``'s connection is held by nobody (reported once)."""
         if self.checked_out.get(record) == tuple(checkout):
-            self.checked_out[record] = (
-                None,
-                checkout.site,
-                checkout.at,
-                None,
-                checkout.proxy,
-            )
+            self.checked_out[record] = (None, checkout.site, checkout.at, None)
+
+    @staticmethod
+    def proxy_of(record: t.Any) -> t.Any:
+        """The proxy the holder of ``record``'s connection has, if it still lives."""
+        return checked_out_proxy(record)
 
     def take_back(self, record: t.Any, proxy: t.Any, message: str) -> None:
         """Close a leaked connection under its holder and free its pool slot.

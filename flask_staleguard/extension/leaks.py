@@ -78,7 +78,7 @@ def reclaim(bind: PoolGuard, record: t.Any, checkout: Checkout) -> None:
     bind.stats.add("leaks_detected")
     policy = bind.options.leaks
     holders = bind.holders
-    proxy = checkout.proxy()
+    proxy = holders.proxy_of(record)
     take_back = policy != "warn" and proxy is not None
     where = holders.where(checkout)
     logger.warning(
