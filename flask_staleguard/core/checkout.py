@@ -190,8 +190,7 @@ class CheckoutChecks:
         socket_probe = None
         tls = None
         if self._guarding:
-            fd = probe.socket_fd(dbapi_connection)
-            socket_probe = None if fd is None else probe.SocketProbe(fd)
+            socket_probe = probe.probe_for(dbapi_connection)
             tls = probe.uses_tls(dbapi_connection)
         return ConnectionState(_pid, budget, socket_probe, tls)
 
