@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from flask_staleguard import protect
 from flask_staleguard.core import probe
 from flask_staleguard.core.checkout import STATE
+from flask_staleguard.core.keepalive import read_keepalive
 from tests.servers import MariaDBServer
 from tests.servers import PostgresServer
 
@@ -139,6 +140,32 @@ def assert_served(outcome: Outcome) -> None:
     assert len(outcome.served) == REQUESTS
     assert not outcome.before & set(outcome.served)
     assert outcome.failed_bare >= 1
+
+
+def test_the_drivers_socket_is_found(target: Target) -> None:
+    """Through the asyncio transport: the probe, and TCP keepalive, on its socket."""
+
+    async def scenario() -> tuple[object, dict[str, t.Any] | None, bool | None]:
+        engine = create_async_engine(target.url, **POOL)
+        protect(engine, keepalive=9)
+        records: list[t.Any] = []
+        sa.event.listen(engine.sync_engine, "connect", lambda _, r: records.append(r))
+        try:
+            async with engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                fd = probe.socket_fd(raw.dbapi_connection)
+                assert fd is not None
+                with probe.borrowed(fd) as sock:
+                    keepalive = read_keepalive(sock)
+                tls = probe.uses_tls(raw.dbapi_connection)
+            return records[0].info[STATE].probe, keepalive, tls
+        finally:
+            await engine.dispose()
+
+    socket_probe, keepalive, tls = asyncio.run(scenario())
+    assert isinstance(socket_probe, probe.TransportProbe)
+    assert keepalive is not None and keepalive["idle"] == 9
+    assert tls is False  # the private servers speak plain TCP
 
 
 def test_idle_past_the_server_timeout(target: Target) -> None:
