@@ -144,19 +144,31 @@ class CheckoutChecks:
                 budget = self._budget.for_timeout(timeout)
                 if self._budget.is_news(timeout):
                     self._learn(timeout)
-        record.info[STATE] = self.state(dbapi_connection, budget)
+        state = record.info[STATE] = self.state(dbapi_connection, budget)
+        if self._guarding and state.probe is None:
+            self._tell_hidden()
+
+    def _tell_hidden(self) -> None:
+        """Say once that the driver hides its socket, and what the pool loses."""
+        if self._told_hidden:
+            return
+        self._told_hidden = True
+        lost = []
+        if self.keepalive is not None:
+            lost.append("no TCP keepalive is set (STALEGUARD_KEEPALIVE)")
+        if self._guarding:
+            lost.append("no socket probe runs at checkout")
+        logger.warning(
+            "bind %s: the driver hides its socket: %s; stale connections are found"
+            " only by the idle budget",
+            self._name,
+            " and ".join(lost),
+        )
 
     def _set_keepalive(self, dbapi_connection: t.Any, keepalive: Keepalive) -> None:
         fd = probe.socket_fd(dbapi_connection)
         if fd is None:
-            if not self._told_hidden:
-                self._told_hidden = True
-                logger.warning(
-                    "bind %s: the driver hides its socket: no TCP keepalive is set"
-                    " (STALEGUARD_KEEPALIVE), and a silently dropped path is found"
-                    " only by the idle budget",
-                    self._name,
-                )
+            self._tell_hidden()
             return
         try:
             with probe.borrowed(fd) as sock:
