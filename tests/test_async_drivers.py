@@ -22,6 +22,7 @@ from flask_staleguard import protect
 from flask_staleguard.core import probe
 from flask_staleguard.core.checkout import STATE
 from flask_staleguard.core.keepalive import read_keepalive
+from tests.proxies import TcpProxy
 from tests.servers import MariaDBServer
 from tests.servers import PostgresServer
 
@@ -257,3 +258,37 @@ def test_a_peek_leaves_the_bytes_to_the_driver(postgres: PostgresServer) -> None
     # Peeked twice (here, then at checkout), read once, by asyncpg.
     assert heard == ["peeked, not read"]
     assert stats["replaced"] == {}
+
+
+# A ParameterStatus message: PostgreSQL may send one to an idle client any time.
+PARAMETER_STATUS = b"S" + (4 + 13).to_bytes(4, "big") + b"TimeZone\x00UTC\x00"
+
+
+def test_the_probes_ping_ends_within_the_limit(postgres_url: str) -> None:
+    """Bytes to ask about on an idle asyncpg connection, on a path that then
+    dies: the ping is cut off at the time limit, from outside the event loop.
+    """
+    url = sa.make_url(postgres_url).set(drivername="postgresql+asyncpg")
+
+    async def scenario(proxy: TcpProxy) -> tuple[int, float, dict[str, t.Any]]:
+        engine = create_async_engine(
+            proxy.url_for(url.render_as_string(False)), pool_size=1, max_overflow=0
+        )
+        protection = protect(engine, discovery_timeout=1)
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+            assert proxy.say_and_drop(PARAMETER_STATUS) == 1
+            time.sleep(0.2)  # the loop is blocked: the bytes wait on the socket
+            started = time.monotonic()
+            async with engine.connect() as conn:
+                one = (await conn.execute(sa.text("SELECT 1"))).scalar_one()
+            return one, time.monotonic() - started, protection.stats()
+        finally:
+            await engine.dispose()
+
+    with TcpProxy("127.0.0.1", url.port or 5432) as proxy:
+        one, elapsed, stats = asyncio.run(asyncio.wait_for(scenario(proxy), 15))
+    assert one == 1  # on a new connection
+    assert elapsed < 3
+    assert stats["replaced"] == {"probe_ping_timeout": 1}
