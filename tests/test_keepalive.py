@@ -189,7 +189,7 @@ def test_without_keepalive_the_lost_probe_is_named_once(
     said = [r.getMessage() for r in caplog.records if "hides" in r.getMessage()]
     assert said == [
         f"bind {url.database}: the driver hides its socket: no socket probe runs at"
-        " checkout; stale connections are found only by the idle budget"
+        " checkout; only the idle budget protects the pool"
     ]
 
 

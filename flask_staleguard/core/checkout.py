@@ -153,17 +153,17 @@ class CheckoutChecks:
         if self._told_hidden:
             return
         self._told_hidden = True
-        lost = []
-        if self.keepalive is not None:
-            lost.append("no TCP keepalive is set (STALEGUARD_KEEPALIVE)")
-        if self._guarding:
-            lost.append("no socket probe runs at checkout")
-        logger.warning(
-            "bind %s: the driver hides its socket: %s; stale connections are found"
-            " only by the idle budget",
-            self._name,
-            " and ".join(lost),
-        )
+        keepalive = "no TCP keepalive is set (STALEGUARD_KEEPALIVE)"
+        if not self._guarding:
+            lost = f"{keepalive}, and a silently dropped path is found only by the"
+            lost += " idle budget"
+        elif self.keepalive is None:
+            lost = "no socket probe runs at checkout; only the idle budget protects"
+            lost += " the pool"
+        else:
+            lost = f"{keepalive} and no socket probe runs at checkout; only the idle"
+            lost += " budget protects the pool"
+        logger.warning("bind %s: the driver hides its socket: %s", self._name, lost)
 
     def _set_keepalive(self, dbapi_connection: t.Any, keepalive: Keepalive) -> None:
         fd = probe.socket_fd(dbapi_connection)
