@@ -7,6 +7,7 @@ fails there first, by name.
 
 from __future__ import annotations
 
+import asyncio
 import typing as t
 
 import sqlalchemy as sa
@@ -113,6 +114,20 @@ def pop_lite_sessions(g: t.Any) -> dict[str, t.Any]:
 def pymysql_socket(dbapi_connection: t.Any) -> t.Any:
     """PyMySQL's socket (a ``socket`` or ``ssl.SSLSocket``); it has no accessor."""
     return getattr(dbapi_connection, "_sock", None)
+
+
+def asyncio_transport(driver_connection: t.Any) -> asyncio.BaseTransport | None:
+    """The asyncio transport an asyncio driver's connection talks over, if any.
+
+    None has an accessor: asyncpg and asyncmy (0.2.17 and newer) keep it in
+    ``_transport``; aiomysql and older asyncmy in their ``StreamWriter``
+    (``_writer``), whose ``transport`` is public.
+    """
+    transport = getattr(driver_connection, "_transport", None)
+    if transport is None:
+        writer = getattr(driver_connection, "_writer", None)
+        transport = getattr(writer, "transport", None)
+    return transport if isinstance(transport, asyncio.BaseTransport) else None
 
 
 class _Reclaimed:

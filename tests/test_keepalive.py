@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from flask_staleguard import ConfigError
+from flask_staleguard import protect
 from flask_staleguard.core import probe
 from flask_staleguard.core.keepalive import Keepalive
 from flask_staleguard.core.keepalive import keepalive_for
@@ -170,6 +171,26 @@ def test_a_driver_that_hides_its_socket_is_named_once(
     said = [r.getMessage() for r in caplog.records if "keepalive" in r.getMessage()]
     assert len(said) == 1
     assert "hides its socket: no TCP keepalive is set" in said[0]
+
+
+def test_without_keepalive_the_lost_probe_is_named_once(
+    mariadb_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "flask_staleguard")
+    url = sa.make_url(mariadb_url).set(drivername="mysql+mysqlconnector")
+    engine = sa.create_engine(url)
+    protect(engine, keepalive=None)
+    try:
+        for _ in range(3):  # three connections, one warning
+            with engine.connect() as conn:
+                conn.invalidate()
+    finally:
+        engine.dispose()
+    said = [r.getMessage() for r in caplog.records if "hides" in r.getMessage()]
+    assert said == [
+        f"bind {url.database}: the driver hides its socket: no socket probe runs at"
+        " checkout; only the idle budget protects the pool"
+    ]
 
 
 def test_keepalive_is_validated(make_app: AppFactory, mariadb_url: str) -> None:

@@ -8,6 +8,7 @@ removes or changes it fails here, by name, before anything else does.
 from __future__ import annotations
 
 import ast
+import asyncio
 import ssl
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.ext.asyncio import create_async_engine
 
 import flask_staleguard
 from flask_staleguard import _private
@@ -90,6 +92,28 @@ def test_pymysql_socket(mariadb_url: str) -> None:
             assert not isinstance(sock, ssl.SSLSocket)  # the shared server: no TLS
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["asyncmy", "aiomysql", "asyncpg"])
+def test_asyncio_transport(driver: str, mariadb_url: str, postgres_url: str) -> None:
+    url = sa.make_url(postgres_url if driver == "asyncpg" else mariadb_url)
+    url = url.set(drivername=f"{url.get_backend_name()}+{driver}")
+
+    async def check() -> None:
+        engine = create_async_engine(url, poolclass=sa.pool.NullPool)
+        try:
+            async with engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                transport = _private.asyncio_transport(raw.driver_connection)
+                assert isinstance(transport, asyncio.Transport)
+                assert not transport.is_closing()
+                sock = transport.get_extra_info("socket")
+                assert sock.getpeername()[1] == url.port
+            assert transport.is_closing()  # NullPool closed the connection
+        finally:
+            await engine.dispose()
+
+    asyncio.run(check())
 
 
 def test_a_taken_back_proxy_raises_for_its_holder_and_closes_quietly(

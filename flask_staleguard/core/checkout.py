@@ -150,19 +150,31 @@ class CheckoutChecks:
                 budget = self._budget.for_timeout(timeout)
                 if self._budget.is_news(timeout):
                     self._learn(timeout)
-        record.info[STATE] = self.state(dbapi_connection, budget)
+        state = record.info[STATE] = self.state(dbapi_connection, budget)
+        if self._guarding and state.probe is None:
+            self._tell_hidden()
+
+    def _tell_hidden(self) -> None:
+        """Say once that the driver hides its socket, and what the pool loses."""
+        if self._told_hidden:
+            return
+        self._told_hidden = True
+        keepalive = "no TCP keepalive is set (STALEGUARD_KEEPALIVE)"
+        if not self._guarding:
+            lost = f"{keepalive}, and a silently dropped path is found only by the"
+            lost += " idle budget"
+        elif self.keepalive is None:
+            lost = "no socket probe runs at checkout; only the idle budget protects"
+            lost += " the pool"
+        else:
+            lost = f"{keepalive} and no socket probe runs at checkout; only the idle"
+            lost += " budget protects the pool"
+        logger.warning("bind %s: the driver hides its socket: %s", self._name, lost)
 
     def _set_keepalive(self, dbapi_connection: t.Any, keepalive: Keepalive) -> None:
         fd = probe.socket_fd(dbapi_connection)
         if fd is None:
-            if not self._told_hidden:
-                self._told_hidden = True
-                logger.warning(
-                    "bind %s: the driver hides its socket: no TCP keepalive is set"
-                    " (STALEGUARD_KEEPALIVE), and a silently dropped path is found"
-                    " only by the idle budget",
-                    self._name,
-                )
+            self._tell_hidden()
             return
         try:
             with probe.borrowed(fd) as sock:
@@ -196,8 +208,7 @@ class CheckoutChecks:
         socket_probe = None
         tls = None
         if self._guarding:
-            fd = probe.socket_fd(dbapi_connection)
-            socket_probe = None if fd is None else probe.SocketProbe(fd)
+            socket_probe = probe.probe_for(dbapi_connection)
             tls = probe.uses_tls(dbapi_connection)
         return ConnectionState(_pid, budget, socket_probe, tls)
 

@@ -8,11 +8,18 @@ peek (``MSG_PEEK``, nothing consumed) tells which.
 The probe uses the operating system's own ``poll`` and socket, never the green
 ones gevent or eventlet put in their place: a zero timeout never blocks, and the
 originals survive monkey-patching in either order.
+
+Behind an asyncio driver (asyncpg, aiomysql, asyncmy) the event loop reads the
+socket whenever it runs: what the server said last may already sit in the
+driver's buffer, and a transport that saw the end closes its socket, whose number
+the kernel may then give to another. So the transport is asked first
+(``is_closing()``), and the socket only while the transport still owns it.
 """
 
 from __future__ import annotations
 
 import _socket
+import asyncio
 import contextlib
 import importlib
 import os
@@ -34,6 +41,9 @@ UNREAD = "probe_unread"
 #: The kernel gave up on the connection: its keepalive probes or its data went
 #: unanswered (ETIMEDOUT), the mark of a path that dropped it silently.
 TIMED_OUT = "probe_timed_out"
+#: The event loop already saw the connection end (FIN or RST) and closed its
+#: asyncio transport.
+CLOSED = "probe_closed"
 #: Something is readable that a peek cannot classify; a real ping must decide.
 UNKNOWN = "probe_unknown"
 
@@ -69,14 +79,19 @@ def socket_fd(dbapi_connection: t.Any) -> int | None:
 
     PyMySQL keeps it in ``_sock`` (there is no public accessor); mysqlclient,
     psycopg and psycopg2 have ``fileno()``. Behind SQLAlchemy's asyncio adapter,
-    the driver's own connection (``driver_connection``) is asked the same.
+    the driver's own connection (``driver_connection``) is asked the same, or
+    its asyncio transport for its socket while the transport is open.
     """
+    from .._private import asyncio_transport
     from .._private import pymysql_socket
 
     inner = getattr(dbapi_connection, "driver_connection", None)
     if inner is not None and inner is not dbapi_connection:
         return socket_fd(inner)
     try:
+        transport = asyncio_transport(dbapi_connection)
+        if transport is not None:
+            return transport_fd(transport)
         sock = pymysql_socket(dbapi_connection)
         if sock is not None:
             return int(sock.fileno())
@@ -88,6 +103,36 @@ def socket_fd(dbapi_connection: t.Any) -> int | None:
     return None
 
 
+def transport_fd(transport: asyncio.BaseTransport) -> int | None:
+    """The descriptor of an open asyncio transport's socket; ``None`` once it
+    is closing (its socket is closed, or about to be) or has no socket.
+    """
+    if transport.is_closing():
+        return None
+    sock = transport.get_extra_info("socket")
+    fd = -1 if sock is None else int(sock.fileno())
+    return fd if fd >= 0 else None
+
+
+def driver_transport(dbapi_connection: t.Any) -> asyncio.BaseTransport | None:
+    """The asyncio transport behind SQLAlchemy's asyncio adapter, if any."""
+    from .._private import asyncio_transport
+
+    inner = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    return asyncio_transport(inner)
+
+
+def probe_for(dbapi_connection: t.Any) -> SocketProbe | None:
+    """The liveness check of a new connection; ``None`` when the driver hides
+    its socket.
+    """
+    fd = socket_fd(dbapi_connection)
+    if fd is None:
+        return None
+    transport = driver_transport(dbapi_connection)
+    return SocketProbe(fd) if transport is None else TransportProbe(fd, transport)
+
+
 def uses_tls(dbapi_connection: t.Any) -> bool | None:
     """Whether the connection runs over TLS; ``None`` when the driver does not say.
 
@@ -96,6 +141,9 @@ def uses_tls(dbapi_connection: t.Any) -> bool | None:
     """
     from .._private import pymysql_socket
 
+    transport = driver_transport(dbapi_connection)
+    if transport is not None:
+        return transport.get_extra_info("ssl_object") is not None
     sock = pymysql_socket(dbapi_connection)
     if sock is None:
         return None
@@ -130,6 +178,33 @@ class SocketProbe:
     def check(self) -> tuple[str, bytes] | None:
         """``None`` when the socket is quiet; else a verdict and any peeked bytes."""
         return self.peek() if self.poll(0) else None
+
+
+class TransportProbe(SocketProbe):
+    """The probe of a connection an asyncio transport owns: the transport first.
+
+    A transport that saw the end is closing, and its socket closed or about to
+    be: that is the verdict, and the descriptor is never looked at again (its
+    number may belong to another socket by now). Otherwise the socket is polled
+    and peeked as any other; neither consumes a byte nor touches the event loop's
+    own registration of it.
+    """
+
+    __slots__ = ("transport", "_poll_socket")
+
+    def __init__(self, fd: int, transport: asyncio.BaseTransport) -> None:
+        super().__init__(fd)
+        self.transport = transport
+        self._poll_socket = self.poll
+        self.poll = self._poll_transport
+
+    def _poll_transport(self, timeout: int) -> object:
+        return self.transport.is_closing() or self._poll_socket(timeout)
+
+    def peek(self) -> tuple[str, bytes]:
+        if self.transport.is_closing():
+            return CLOSED, b""
+        return peek(self.fd)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ class BindStats:
     #: (FIN), ``probe_reset`` (RST), ``probe_server_error`` (an error packet, as
     #: MySQL 8's 4031 or PostgreSQL's FATAL), ``probe_unread`` (a reply nobody read),
     #: ``probe_timed_out`` (the kernel's keepalive gave up: a dead path),
+    #: ``probe_closed`` (an asyncio driver's event loop saw the end first),
     #: ``probe_ping_failed``, ``probe_ping_timeout``, ``fork``.
     replaced: dict[str, int] = dataclasses.field(default_factory=dict)
     #: Disconnect errors raised by statements, by code (``2006``, ``2013``, ...).
