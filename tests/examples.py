@@ -25,6 +25,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from celery.contrib.testing.worker import start_worker
+from celery.signals import setup_logging
 from fastapi.testclient import TestClient
 
 from tests.servers import MariaDBServer
@@ -134,6 +135,12 @@ class FastAPIExample(Example):
         self._stack.close()  # the lifespan disposes of the engine
 
 
+def _leave_logging_alone(**kwargs: t.Any) -> None:
+    """A receiver of Celery's ``setup_logging``: with one, a worker leaves the
+    test run's logging as it is (it would set the root logger to ERROR).
+    """
+
+
 class CeleryExample(Example):
     """The Celery example, its tasks run by a real worker (in a thread, solo
     pool) from an in-memory broker.
@@ -142,6 +149,14 @@ class CeleryExample(Example):
     def __init__(self, strategy: str, url: str) -> None:
         super().__init__("celery_app", strategy)
         self._stack = contextlib.ExitStack()
+        setup_logging.connect(_leave_logging_alone)
+        self._stack.callback(setup_logging.disconnect, _leave_logging_alone)
+        # What a worker tells the processes it would fork; none is forked here.
+        self._stack.enter_context(
+            environment(
+                _MP_FORK_LOGLEVEL_="", _MP_FORK_LOGFILE_="", _MP_FORK_LOGFORMAT_=""
+            )
+        )
         with environment(
             DATABASE_URL=url,
             STALEGUARD_STRATEGY=strategy,

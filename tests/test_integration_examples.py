@@ -48,7 +48,7 @@ def scenarios(private_mariadb: MariaDBServer) -> Iterator[Scenarios]:
                 examples.append(start(integration, strategy, private_mariadb.url))
         yield Scenarios(examples, private_mariadb)
     finally:
-        for example in examples:
+        for example in reversed(examples):  # last started, first closed
             example.close()
 
 

@@ -29,7 +29,7 @@ def scenarios(private_mariadb: MariaDBServer) -> Iterator[Scenarios]:
         FlaskExample(LITE, strategy, private_mariadb.url) for strategy in GUARDED
     ]
     yield Scenarios(list(examples), private_mariadb)
-    for example in examples:
+    for example in reversed(examples):
         example.close()
 
 
