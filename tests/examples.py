@@ -58,8 +58,9 @@ def environment(**env: str) -> Iterator[None]:
 
 
 def load(name: str) -> types.ModuleType:
-    """A fresh copy of the example ``name`` (its file, run now, in sys.modules
-    under a name of its own so Flask, FastAPI and Celery can find it).
+    """A fresh copy of the example ``name``: its file, run now, and in
+    sys.modules under a name of its own (Flask, FastAPI and Celery look it up
+    there) until the example is closed.
     """
     module_name = f"example_{name}_{next(_loaded)}"
     spec = importlib.util.spec_from_file_location(module_name, EXAMPLES / f"{name}.py")
@@ -76,6 +77,7 @@ class Example:
     """
 
     engine: sa.engine.Engine
+    module: types.ModuleType
 
     def __init__(self, integration: str, strategy: str) -> None:
         self.integration = integration
@@ -90,6 +92,7 @@ class Example:
 
     def close(self) -> None:
         self.engine.dispose()
+        del sys.modules[self.module.__name__]
 
 
 class FlaskExample(Example):
@@ -98,7 +101,7 @@ class FlaskExample(Example):
     def __init__(self, integration: str, strategy: str, url: str) -> None:
         super().__init__(integration, strategy)
         with environment(DATABASE_URL=url, STALEGUARD_STRATEGY=strategy):
-            module = load(integration)
+            self.module = module = load(integration)
             app = module.create_app()
         # The request's error itself, rather than a 500 page.
         app.config["PROPAGATE_EXCEPTIONS"] = True
@@ -121,7 +124,7 @@ class FastAPIExample(Example):
         super().__init__("fastapi_app", strategy)
         self._stack = contextlib.ExitStack()
         with environment(DATABASE_URL=url, STALEGUARD_STRATEGY=strategy):
-            module = load(self.integration)
+            self.module = module = load(self.integration)
             self.client = self._stack.enter_context(TestClient(module.app))
         self.engine = module.app.state.engine
 
@@ -133,6 +136,7 @@ class FastAPIExample(Example):
 
     def close(self) -> None:
         self._stack.close()  # the lifespan disposes of the engine
+        del sys.modules[self.module.__name__]
 
 
 def _leave_logging_alone(**kwargs: t.Any) -> None:
