@@ -5,8 +5,10 @@ Scenarios (``--scenarios``, comma-separated; default all):
 ``pool``        added µs per request-shaped checkout on loopback, over bare
 ``latency``     the same through a delaying TCP proxy
 ``reconnects``  reconnects and stale errors per traffic pattern
-``statements``  what the guard's one statement-level listener costs a statement
+``statements``  what the guard costs a statement (nothing, by design)
 ``keepalive``   what setting the TCP keepalive costs a new connection
+``instructions`` instructions per request of every variant, counted by valgrind
+                (not in the default set: it needs valgrind and about 5 minutes)
 
 Writes ``<out>/<stamp>-<mode>[-label].md`` (the tables, also printed),
 ``.json`` (a pyperf suite: every variant's per-round values, the machine and
@@ -31,6 +33,8 @@ from . import REPO
 from . import report
 
 SCENARIOS = ("pool", "latency", "reconnects", "statements", "keepalive")
+#: Run only when asked for.
+EXTRA_SCENARIOS = ("instructions",)
 VARIANTS = ["bare", "pre_ping", "recycle", "guard"]
 
 #: Per mode: how long each scenario may run. ``full`` takes about 6 minutes,
@@ -49,6 +53,7 @@ PLANS: dict[str, dict[str, t.Any]] = {
         "reconnects": {"busy_seconds": 12.0, "idle_cycles": 3},
         "statements": {"rounds": 60, "statements": 2000},
         "keepalive": {"rounds": 20, "connections": 50},
+        "instructions": {"small": 500, "large": 2500, "timeout": 900.0},
     },
     "quick": {
         "pool": {"rounds": 8, "requests": 400, "time_limit": 18.0},
@@ -61,6 +66,7 @@ PLANS: dict[str, dict[str, t.Any]] = {
         "reconnects": {"busy_seconds": 5.0, "idle_cycles": 1},
         "statements": {"rounds": 10, "statements": 500},
         "keepalive": {"rounds": 6, "connections": 20},
+        "instructions": {"small": 100, "large": 500, "timeout": 600.0},
     },
 }
 
@@ -75,7 +81,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
-        help=f"comma-separated subset of {', '.join(SCENARIOS)} (default: all)",
+        help=f"comma-separated subset of {', '.join(SCENARIOS + EXTRA_SCENARIOS)}"
+        f" (default: {', '.join(SCENARIOS)})",
     )
     parser.add_argument(
         "--url",
@@ -96,7 +103,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if not 0.25 <= args.scale <= 4:
         parser.error("--scale must be between 0.25 and 4")
-    unknown = set(args.scenario_list) - set(SCENARIOS)
+    unknown = set(args.scenario_list) - set(SCENARIOS + EXTRA_SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     return args
@@ -194,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         if "statements" in args.scenario_list:
             from . import statements
 
-            log("scenario statements: the handle_error listener, per statement")
+            log("scenario statements: a guarded engine, per statement")
             p = plan["statements"]
             found_lines, found = statements.run(log=log, **p)
             lines += found_lines
@@ -204,6 +211,15 @@ def main(argv: list[str] | None = None) -> int:
 
             log("scenario keepalive: setting it, per new connection")
             found_lines, found = keepalive.run(url, log=log, **plan["keepalive"])
+            lines += found_lines
+            benchmarks += found
+        if "instructions" in args.scenario_list:
+            from . import instructions
+
+            log("scenario instructions: per request, counted by valgrind")
+            found_lines, found = instructions.run(
+                url, variants=VARIANTS, log=log, **plan["instructions"]
+            )
             lines += found_lines
             benchmarks += found
         if "reconnects" in args.scenario_list:
