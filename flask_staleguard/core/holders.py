@@ -74,6 +74,8 @@ class Holders:
         self._clock = clock
         self._held_scan = 0.0
         self._reported: dict[t.Any, tuple[t.Any, ...]] = {}
+        #: Called with the seconds it was out when a reported connection returns.
+        self.on_unleaked: t.Callable[[float], None] | None = None
 
     def attach(self, engine: t.Any) -> None:
         """Listen to ``engine``'s pool (after the checks: a rejected connection
@@ -111,7 +113,9 @@ class Holders:
             self._report_held()
 
     def _on_return(self, dbapi_connection: t.Any, record: t.Any) -> None:
-        self.checked_out.pop(record, None)
+        raw = self.checked_out.pop(record, None)
+        if self._reported and raw is not None:  # rare: only after a report
+            self._returned_late(record, raw)
 
     def leaks_of(self, owner: t.Any) -> list[tuple[t.Any, Checkout]]:
         """Connections checked out by ``owner`` and still out."""
@@ -130,7 +134,7 @@ class Holders:
     def forget_owner(self, record: t.Any, checkout: Checkout) -> None:
         """From now on ``record``'s connection is held by nobody (reported once)."""
         if self.checked_out.get(record) == tuple(checkout):
-            self.checked_out[record] = (
+            self.checked_out[record] = self._reported[record] = (
                 None,
                 checkout.site,
                 checkout.at,
@@ -186,3 +190,21 @@ class Holders:
                     now - checkout.at,
                     seconds_text(threshold),
                 )
+
+    # Reported connections that come back (HikariCP's "unleaked"): said once.
+
+    def _returned_late(self, record: t.Any, raw: tuple[t.Any, ...]) -> None:
+        """Say that a connection reported as leaked or held too long came back."""
+        if self._reported.pop(record, None) is not raw:
+            return
+        checkout = Checkout(*raw)
+        held = self._clock() - checkout.at
+        logger.warning(
+            "bind %s: a connection reported as leaked or held too long (checked"
+            " out %s) was returned to the pool after %.1f s (unleaked)",
+            self.name,
+            self.where(checkout),
+            held,
+        )
+        if self.on_unleaked is not None:
+            self.on_unleaked(held)
