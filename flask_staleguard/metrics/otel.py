@@ -23,15 +23,13 @@ from collections.abc import Iterator
 import sqlalchemy as sa
 from flask import Flask
 from sqlalchemy import event
-from sqlalchemy.pool import NullPool
-from sqlalchemy.pool import QueuePool
 
-from .. import _private
 from ..core.guard import PoolGuard
 from ..core.holders import Checkout
 from ..core.protect import Protection
 from ..extension.state import get_state
 from ..report.snapshot import engine_for
+from .pool_state import pool_state
 
 try:
     from opentelemetry import metrics
@@ -156,37 +154,28 @@ class _Instruments:
 
     def _count(self, options: CallbackOptions) -> Iterable[Observation]:
         for guard, pool, pool_name in self._live():
-            idle: int | None
-            if isinstance(pool, QueuePool):
-                idle, used = pool.checkedin(), pool.checkedout()
-            else:
-                # Other pools keep no counts: the guard's own list of holders.
-                used = len(guard.holders.checked_out)
-                idle = 0 if isinstance(pool, NullPool) else None
-            yield Observation(used, {**pool_name, STATE: "used"})
-            if idle is not None:
-                yield Observation(idle, {**pool_name, STATE: "idle"})
+            state = pool_state(guard, pool)
+            yield Observation(state.used, {**pool_name, STATE: "used"})
+            if state.idle is not None:
+                yield Observation(state.idle, {**pool_name, STATE: "idle"})
 
     def _max(self, options: CallbackOptions) -> Iterable[Observation]:
-        for _, pool, pool_name in self._live():
-            if isinstance(pool, QueuePool):
-                overflow = _private.max_overflow(pool)
-                if overflow >= 0:  # -1: no limit
-                    yield Observation(pool.size() + overflow, pool_name)
+        for guard, pool, pool_name in self._live():
+            value = pool_state(guard, pool).max
+            if value is not None:
+                yield Observation(value, pool_name)
 
     def _idle_max(self, options: CallbackOptions) -> Iterable[Observation]:
-        for _, pool, pool_name in self._live():
-            if isinstance(pool, QueuePool):
-                # At checkin, a connection past pool_size is closed, not kept.
-                yield Observation(pool.size(), pool_name)
-            elif isinstance(pool, NullPool):
-                yield Observation(0, pool_name)
+        for guard, pool, pool_name in self._live():
+            value = pool_state(guard, pool).idle_max
+            if value is not None:
+                yield Observation(value, pool_name)
 
     def _idle_min(self, options: CallbackOptions) -> Iterable[Observation]:
-        for _, pool, pool_name in self._live():
-            if isinstance(pool, (QueuePool, NullPool)):
-                # SQLAlchemy never opens connections ahead of demand.
-                yield Observation(0, pool_name)
+        for guard, pool, pool_name in self._live():
+            value = pool_state(guard, pool).idle_min
+            if value is not None:
+                yield Observation(value, pool_name)
 
     def _checkouts(self, options: CallbackOptions) -> Iterable[Observation]:
         for guard, _, pool_name in self._live():
