@@ -10,6 +10,7 @@ package and the app run as before.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib.metadata
 import math
@@ -34,7 +35,6 @@ from .pool_state import pool_state
 try:
     from opentelemetry import metrics
     from opentelemetry.metrics import CallbackOptions
-    from opentelemetry.metrics import Histogram
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.metrics import Observation
 except ImportError as e:
@@ -49,6 +49,9 @@ STATE = "db.client.connection.state"
 
 #: The histograms' buckets, in seconds (the SDK's default ones suit milliseconds).
 BUCKETS = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0]
+
+#: How many use times may wait for a collection before checkins record their own.
+MAX_PENDING = 10_000
 
 #: The key of the instrumented binds in ``app.extensions``.
 EXTENSION_KEY = "staleguard_otel"
@@ -135,6 +138,22 @@ class _Instruments:
             " to the pool.",
             explicit_bucket_boundaries_advisory=BUCKETS,
         )
+        #: Use times not recorded yet: a histogram's record() costs more than
+        #: the rest of a checkin, so the collection records them.
+        self.pending_use: collections.deque[tuple[float, dict[str, str]]] = (
+            collections.deque()
+        )
+
+    def drain(self) -> None:
+        """Record the use times the checkins queued since the last collection."""
+        pending = self.pending_use
+        record = self.use_time.record
+        while True:
+            try:
+                seconds, pool_name = pending.popleft()
+            except IndexError:
+                return
+            record(seconds, pool_name)
 
     def add(self, guard: PoolGuard, engine: sa.engine.Engine) -> None:
         """Measure ``engine``'s pool, which ``guard`` guards."""
@@ -153,6 +172,8 @@ class _Instruments:
     # The callbacks: each runs when a reader collects, never on a checkout.
 
     def _count(self, options: CallbackOptions) -> Iterable[Observation]:
+        # First of the callbacks: the queued use times go into this collection.
+        self.drain()
         for guard, pool, pool_name in self._live():
             state = pool_state(guard, pool)
             yield Observation(state.used, {**pool_name, STATE: "used"})
@@ -255,19 +276,19 @@ def instrument(
     for guard, engine in pools:
         _measured.add(guard)
         instruments.add(guard, engine)
-        _listen(guard, engine, instruments.create_time, instruments.use_time)
+        _listen(guard, engine, instruments)
 
 
 def _listen(
-    guard: PoolGuard,
-    engine: sa.engine.Engine,
-    create_time: Histogram,
-    use_time: Histogram,
+    guard: PoolGuard, engine: sa.engine.Engine, instruments: _Instruments
 ) -> None:
     """Time new connections and each checkout's use, for the histograms."""
     pool_name = {POOL_NAME: guard.name}
     holders = guard.holders
     clock = time.monotonic
+    create_time = instruments.create_time
+    use_time = instruments.use_time
+    pending = instruments.pending_use
 
     def on_do_connect(dialect: t.Any, record: t.Any, *args: t.Any) -> None:
         # The dialect's hook before the driver connects; None: connect as usual.
@@ -283,7 +304,10 @@ def _listen(
         # Ahead of the guard's own checkin listener, which forgets the checkout.
         held = holders.checked_out.get(record)
         if held is not None:
-            use_time.record(clock() - held[_AT], pool_name)
+            if len(pending) < MAX_PENDING:
+                pending.append((clock() - held[_AT], pool_name))
+            else:  # nobody collects: record at once rather than hoard
+                use_time.record(clock() - held[_AT], pool_name)
 
     event.listen(engine, "do_connect", on_do_connect)
     # Last: the time includes the dialect's setup and the guard's discovery.
