@@ -1,6 +1,6 @@
 """Prometheus metrics for the guard's counters (``flask-staleguard[prometheus]``).
 
-The names are those of :mod:`flask_staleguard.otel` in Prometheus form (dots
+The names are those of ``flask_staleguard.otel`` in Prometheus form (dots
 become underscores, counters end in ``_total``), so a dashboard works with
 either exporter. Counters are incremented in the process where the event
 happens, so under gunicorn prometheus_client's multiprocess mode sums them over
