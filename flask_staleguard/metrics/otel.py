@@ -53,9 +53,6 @@ BUCKETS = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0]
 #: How many use times may wait for a collection before checkins record their own.
 MAX_PENDING = 10_000
 
-#: The key of the instrumented binds in ``app.extensions``.
-EXTENSION_KEY = "staleguard_otel"
-
 #: Where a new connection's connect started, in its record's ``info`` (which
 #: SQLAlchemy clears before each new DBAPI connection).
 _STARTED = "staleguard.otel.connect_started"
@@ -231,7 +228,9 @@ class _Instruments:
 
 
 # One set per meter provider: a second app or engine joins the first's callbacks.
-_instruments: dict[int, tuple[MeterProvider, _Instruments]] = {}
+_instruments: weakref.WeakKeyDictionary[MeterProvider, _Instruments] = (
+    weakref.WeakKeyDictionary()
+)
 _instruments_lock = threading.Lock()
 # The guards already measured, so that none is counted twice.
 _measured: weakref.WeakSet[PoolGuard] = weakref.WeakSet()
@@ -239,10 +238,10 @@ _measured: weakref.WeakSet[PoolGuard] = weakref.WeakSet()
 
 def _instruments_for(provider: MeterProvider) -> _Instruments:
     with _instruments_lock:
-        entry = _instruments.get(id(provider))
-        if entry is None or entry[0] is not provider:
-            entry = _instruments[id(provider)] = (provider, _Instruments(provider))
-        return entry[1]
+        instruments = _instruments.get(provider)
+        if instruments is None:
+            instruments = _instruments[provider] = _Instruments(provider)
+        return instruments
 
 
 def instrument(
