@@ -55,12 +55,13 @@ def _count(child: t.Any) -> t.Callable[..., None]:
     return on_checkout
 
 
-def _block(pool: sa.pool.Pool, n: int) -> int:
-    clock = time.perf_counter_ns
-    t0 = clock()
+def _block(pool: sa.pool.Pool, n: int) -> tuple[int, int]:
+    """Wall and this thread's CPU ns of ``n`` checkouts and checkins."""
+    wall, cpu = time.perf_counter_ns, time.thread_time_ns
+    w0, c0 = wall(), cpu()
     for _ in range(n):
         pool.connect().close()
-    return clock() - t0
+    return wall() - w0, cpu() - c0
 
 
 def measure(url: str, rounds: int = 30, n: int = 2000, block: int = 50) -> None:
@@ -70,19 +71,23 @@ def measure(url: str, rounds: int = 30, n: int = 2000, block: int = 50) -> None:
     rng = random.Random(0)
     for pool in pools.values():
         _block(pool, 500)  # warm up: a connection each, every code path run
-    differences: dict[str, list[float]] = {
-        name: [] for name in pools if name != "guard"
-    }
+    variants = [name for name in pools if name != "guard"]
+    differences: dict[str, list[float]] = {name: [] for name in variants}
+    cpu_differences: dict[str, list[float]] = {name: [] for name in variants}
     collected: list[float] = []
     for _ in range(rounds):
         totals = dict.fromkeys(pools, 0)
+        cpu_totals = dict.fromkeys(pools, 0)
         for _ in range(n // block):
             order = list(pools)
             rng.shuffle(order)
             for name in order:
-                totals[name] += _block(pools[name], block)
-        for name in differences:
+                wall, cpu = _block(pools[name], block)
+                totals[name] += wall
+                cpu_totals[name] += cpu
+        for name in variants:
             differences[name].append((totals[name] - totals["guard"]) / n)
+            cpu_differences[name].append((cpu_totals[name] - cpu_totals["guard"]) / n)
         # A reader's collection, as a periodic one would make it: it records the
         # use times the checkins queued. Timed apart: it is off the request path.
         t0 = time.perf_counter_ns()
@@ -90,12 +95,17 @@ def measure(url: str, rounds: int = 30, n: int = 2000, block: int = 50) -> None:
         collected.append((time.perf_counter_ns() - t0) / n)
     base = totals["guard"] / n  # the last round's, for scale
     print(f"guard alone: {base / 1000:.1f} µs per checkout + checkin (last round)")
-    for name, values in differences.items():
-        q = statistics.quantiles(values, n=4)
-        print(
-            f"{name}: +{statistics.median(values) / 1000:.2f} µs per checkout + checkin"
-            f" (quartiles {q[0] / 1000:.2f} .. {q[2] / 1000:.2f}; {rounds} rounds)"
-        )
+    for name in variants:
+        for kind, values in (
+            ("wall", differences[name]),
+            ("cpu", cpu_differences[name]),
+        ):
+            low, _, high = (v / 1000 for v in statistics.quantiles(values, n=4))
+            print(
+                f"{name}: +{statistics.median(values) / 1000:.2f} µs {kind} per"
+                f" checkout + checkin (quartiles {low:.2f} .. {high:.2f};"
+                f" {rounds} rounds)"
+            )
     print(
         f"collection: {statistics.median(collected) / 1000:.2f} µs per queued"
         " checkin, in the reader's thread"
