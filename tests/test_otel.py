@@ -26,6 +26,7 @@ from opentelemetry.sdk.metrics.export import NumberDataPoint
 import flask_staleguard
 from flask_staleguard import protect
 from flask_staleguard.core.holders import Checkout
+from flask_staleguard.metrics import otel
 from flask_staleguard.otel import instrument
 from tests.helpers import AppFactory
 from tests.helpers import connection_id
@@ -178,6 +179,29 @@ def test_a_protected_engine_held_too_long(
     assert points[("db.client.connection.use_time", (jobs,))].count == 2
     said = [r.getMessage() for r in guard_log.records if "(unleaked)" in r.getMessage()]
     assert len(said) == 1 and "bind jobs" in said[0]
+
+
+def test_use_times_are_never_lost(
+    mariadb_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkins queue their use time for the next collection; past the queue's
+    bound they record their own, so nothing waits unbounded and nothing is lost.
+    """
+    monkeypatch.setattr(otel, "MAX_PENDING", 2)
+    engine = sa.create_engine(mariadb_url)
+    try:
+        reader = InMemoryMetricReader()
+        instrument(protect(engine, name="q"), MeterProvider(metric_readers=[reader]))
+        for _ in range(5):
+            with engine.connect():
+                pass
+        points = read(reader)
+    finally:
+        engine.dispose()
+    use = points[
+        at("db.client.connection.use_time", ("db.client.connection.pool.name", "q"))
+    ]
+    assert use.count == 5
 
 
 def test_one_instrumentation_per_pool(make_app: AppFactory, mariadb_url: str) -> None:
