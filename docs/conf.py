@@ -37,7 +37,9 @@ autodoc_type_aliases = {
 # Every reference to this project's own objects must resolve (sphinx-build -n).
 nitpick_ignore_regex = [
     ("py:.*", r"(flask|werkzeug|sqlalchemy|prometheus_client|weakref|_thread)\..*"),
+    ("py:.*", r"opentelemetry\..*"),
     ("py:class", r"(Flask|Response|CollectorRegistry|TypeAliasForwardRef)"),
+    ("py:class", r"MeterProvider"),
     ("py:class", r"(t|sa)\..*"),
     # A string annotation of an alias, as autodoc renders it, quotes included.
     ("py:class", r"'flask_staleguard\.extension\.config\.BindKey'"),

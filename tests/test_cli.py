@@ -79,6 +79,7 @@ STATS_KEYS = {
     "disconnects",
     "leaks_detected",
     "leaks_reclaimed",
+    "leaks_returned",
 }
 
 

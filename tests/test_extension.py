@@ -156,6 +156,7 @@ def test_one_guard_many_apps(mariadb: MariaDBServer) -> None:
                 "disconnects": {},
                 "leaks_detected": 0,
                 "leaks_reclaimed": 0,
+                "leaks_returned": 0,
             }
         }
         assert [pool_json(a)["strategy"] for a, _ in apps] == ["guard", "recycle"]

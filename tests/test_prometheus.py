@@ -16,12 +16,18 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import Histogram
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import Sum
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 import flask_staleguard
 from flask_staleguard.metrics.prometheus import generate
+from flask_staleguard.metrics.prometheus import POOL
 from flask_staleguard.metrics.prometheus import StaleGuardMetrics
+from flask_staleguard.otel import instrument
 from tests.helpers import AppFactory
 from tests.helpers import connection_id
 from tests.helpers import stats
@@ -56,12 +62,16 @@ def test_counters_follow_guard_stats(make_app: AppFactory, mariadb_url: str) -> 
     text, content_type = generate(registry)
     assert content_type.startswith("text/plain")
     found = samples(text.decode())
-    bind = ("bind", "default")
-    assert found[("staleguard_checkouts_total", (bind,))] == counters["checkouts"] == 4
+    bind = (POOL, "default")
+    assert (
+        found[("flask_staleguard_checkouts_total", (bind,))]
+        == counters["checkouts"]
+        == 4
+    )
     reason = ("reason", "idle_budget")
-    assert found[("staleguard_replaced_total", (bind, reason))] == 1
-    assert found[("staleguard_leaks_total", (bind, ("reclaimed", "true")))] == 1
-    assert found[("staleguard_idle_budget_seconds", (bind,))] == 0.9
+    assert found[("flask_staleguard_connections_replaced_total", (bind, reason))] == 1
+    assert found[("flask_staleguard_leaks_total", (bind, ("reclaimed", "true")))] == 1
+    assert found[("flask_staleguard_idle_budget_seconds", (bind,))] == 0.9
 
 
 def test_disconnects_are_counted_by_code(
@@ -78,12 +88,12 @@ def test_disconnects_are_counted_by_code(
             connection_id(db)
     (code,) = stats(app)["disconnects"]
     found = samples(generate(registry)[0].decode())
-    key = ("staleguard_disconnects_total", (("bind", "default"), ("code", code)))
+    key = ("flask_staleguard_disconnects_total", (("code", code), (POOL, "default")))
     assert found[key] == 1
     # strategy "off": no idle budget at all.
-    assert found[("staleguard_idle_budget_seconds", (("bind", "default"),))] == float(
-        "inf"
-    )
+    assert found[
+        ("flask_staleguard_idle_budget_seconds", ((POOL, "default"),))
+    ] == float("inf")
 
 
 def test_one_exporter_per_app(make_app: AppFactory, mariadb_url: str) -> None:
@@ -100,8 +110,55 @@ def test_one_exporter_per_app(make_app: AppFactory, mariadb_url: str) -> None:
         with each_app.app_context():
             connection_id(each_db)
     found = samples(generate(registry)[0].decode())
-    checkouts = found[("staleguard_checkouts_total", (("bind", "default"),))]
+    checkouts = found[("flask_staleguard_checkouts_total", ((POOL, "default"),))]
     assert checkouts == stats(app)["checkouts"] + stats(other)["checkouts"] == 2
+
+
+def test_pool_gauges_and_names_are_opentelemetrys(
+    make_app: AppFactory, mariadb_url: str
+) -> None:
+    """The pool's counts at scrape time, and every name as the OpenTelemetry
+    metric of flask_staleguard.otel would read in Prometheus form.
+    """
+    registry = CollectorRegistry()
+    reader = InMemoryMetricReader()
+    app, db = make_app(mariadb_url, STALEGUARD_LEAKS="warn")
+    StaleGuardMetrics(app, registry=registry)
+    instrument(app, MeterProvider(metric_readers=[reader]))
+    with app.app_context():
+        leaked = db.engine.connect()  # reported, and left out ("warn")
+        with db.engine.connect():
+            found = samples(generate(registry)[0].decode())
+    leaked.close()  # returned after its report
+    used = ("db_client_connection_state", "used")
+    assert found[("db_client_connection_count", ((POOL, "default"), used))] == 2
+    assert found[("db_client_connection_max", ((POOL, "default"),))] == 15
+    found = samples(generate(registry)[0].decode())
+    assert found[("flask_staleguard_leaks_returned_total", ((POOL, "default"),))] == 1
+    data = reader.get_metrics_data()
+    assert data is not None
+    otel_names = {
+        prometheus_name(m.name, m.unit or "", m.data)
+        for r in data.resource_metrics
+        for s in r.scope_metrics
+        for m in s.metrics
+    }
+    exported = {name for name, _ in found}
+    histograms = {"db_client_connection_create_time", "db_client_connection_use_time"}
+    # The exporter has every OpenTelemetry metric but the histograms.
+    assert {n for n in otel_names if not n.endswith("_seconds_bucket")} <= exported
+    assert {f"{h}_seconds_bucket" for h in histograms} <= otel_names
+
+
+def prometheus_name(name: str, unit: str, data: object) -> str:
+    """OpenTelemetry's name in Prometheus form (its specification's rules for
+    the units used here): dots to underscores, ``s`` as ``_seconds``, a
+    monotonic sum's ``_total``, a histogram's ``_bucket`` series.
+    """
+    name = name.replace(".", "_") + ("_seconds" if unit == "s" else "")
+    if isinstance(data, Histogram):
+        return name + "_bucket"
+    return name + ("_total" if isinstance(data, Sum) and data.is_monotonic else "")
 
 
 METRICS_APP = """\
@@ -117,6 +174,7 @@ from flask_sqlalchemy import SQLAlchemy
 from flask_staleguard import StaleGuard
 from flask_staleguard.metrics.prometheus import metrics_view
 from flask_staleguard.metrics.prometheus import StaleGuardMetrics
+from flask_staleguard.otel import instrument
 
 app = Flask(__name__)
 app.config["SQLALCHEMY_DATABASE_URI"] = os.environ["SG_TEST_URL"]
@@ -175,7 +233,7 @@ def test_gunicorn_workers_are_summed(tmp_path: Path, mariadb_url: str) -> None:
         server.terminate()
         _, stderr = server.communicate(timeout=30)
     # One worker answered the scrape, yet the count covers both.
-    checkouts = found[("staleguard_checkouts_total", (("bind", "default"),))]
+    checkouts = found[("flask_staleguard_checkouts_total", ((POOL, "default"),))]
     assert checkouts == requests, stderr.decode()
-    budget = found[("staleguard_idle_budget_seconds", (("bind", "default"),))]
+    budget = found[("flask_staleguard_idle_budget_seconds", ((POOL, "default"),))]
     assert budget == 28770.0

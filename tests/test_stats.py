@@ -62,6 +62,7 @@ def test_counters_start_at_zero_and_count_checkouts(
         "disconnects": {},
         "leaks_detected": 0,
         "leaks_reclaimed": 0,
+        "leaks_returned": 0,
     }
     assert guard.stats(app) == {"default": zero, "pg": zero}
     with app.app_context():

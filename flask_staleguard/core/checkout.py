@@ -112,6 +112,8 @@ class CheckoutChecks:
         self._learn = learn
         self._hold = holders.hold
         self._held = holders.checked_out
+        self._reported = holders.reported
+        self._returned_late = holders.returned_late
         self._clock = clock
         #: The TCP keepalive every new connection gets; ``None``: the driver's.
         self.keepalive = keepalive
@@ -248,7 +250,10 @@ class CheckoutChecks:
         self._hold(record, now)
 
     def _on_checkin(self, dbapi_connection: t.Any, record: t.Any) -> None:
-        self._held.pop(record, None)
+        # Holders.release, inline.
+        raw = self._held.pop(record, None)
+        if raw is not None and self._reported:  # rare: only after a report
+            self._returned_late(record, raw)
         if dbapi_connection is not None:
             state = record.info.get(STATE)
             if state is None:  # opened before the guard attached to its engine

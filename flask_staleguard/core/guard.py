@@ -20,6 +20,7 @@ from sqlalchemy.exc import DisconnectionError
 
 from .._private import set_pool_option
 from ..metrics.signals import connection_replaced
+from ..metrics.signals import leak_returned
 from ..metrics.stats import BindStats
 from .budget import IdleBudget
 from .checkout import CheckoutChecks
@@ -93,6 +94,7 @@ class PoolGuard:
             describe=describe,
             clock=clock,
         )
+        self.holders.on_unleaked = self._unleaked
         #: The TCP keepalive every new connection gets; ``None``: the driver's.
         self.keepalive = (
             None
@@ -129,6 +131,10 @@ class PoolGuard:
         self.holders.attach(engine)
         self._reports.attach(engine)
 
+    def engines(self) -> list[sa.engine.Engine]:
+        """The engines whose pools this guard listens to."""
+        return list(self._engines)
+
     def _replace(
         self, reason: str, idle: float | None, detail: str
     ) -> DisconnectionError:
@@ -142,6 +148,11 @@ class PoolGuard:
         )
         connection_replaced.send(self, reason=reason, idle=idle)
         return DisconnectionError(f"flask-staleguard: stale connection ({reason})")
+
+    def _unleaked(self, held: float) -> None:
+        """Count a reported connection that came back after ``held`` seconds."""
+        self.stats.add("leaks_returned")
+        leak_returned.send(self, held=held)
 
     def _learn(self, timeout: float | None) -> None:
         """Adopt the idle timeout a live connection reported."""

@@ -70,7 +70,10 @@ class Holders:
         self._describe = describe or repr
         self._clock = clock
         self._held_scan = 0.0
-        self._reported: dict[t.Any, tuple[t.Any, ...]] = {}
+        #: Connections reported as leaked or held too long, until they return.
+        self.reported: dict[t.Any, tuple[t.Any, ...]] = {}
+        #: Called with the seconds it was out when a reported connection returns.
+        self.on_unleaked: t.Callable[[float], None] | None = None
 
     def attach(self, engine: t.Any) -> None:
         """Forget connections the pool detaches. Checkouts and checkins come from
@@ -102,8 +105,17 @@ class Holders:
         if self.threshold is not None:
             self._report_held()
 
+    def release(self, record: t.Any) -> None:
+        """``record``'s connection is back (or detached): it is held no more.
+
+        The pool's checkin listener does the same inline.
+        """
+        raw = self.checked_out.pop(record, None)
+        if raw is not None and self.reported:  # rare: only after a report
+            self.returned_late(record, raw)
+
     def _on_detach(self, dbapi_connection: t.Any, record: t.Any) -> None:
-        self.checked_out.pop(record, None)
+        self.release(record)
 
     def leaks_of(self, owner: t.Any) -> list[tuple[t.Any, Checkout]]:
         """Connections checked out by ``owner`` and still out."""
@@ -122,7 +134,8 @@ class Holders:
     def forget_owner(self, record: t.Any, checkout: Checkout) -> None:
         """From now on ``record``'s connection is held by nobody (reported once)."""
         if self.checked_out.get(record) == tuple(checkout):
-            self.checked_out[record] = (None, checkout.site, checkout.at, None)
+            raw = (None, checkout.site, checkout.at, None)
+            self.checked_out[record] = self.reported[record] = raw
 
     @staticmethod
     def proxy_of(record: t.Any) -> t.Any:
@@ -160,15 +173,18 @@ class Holders:
         self._held_scan = now
         threshold = t.cast(float, self.threshold)
         held = self.checked_out.copy()
-        self._reported = {r: c for r, c in self._reported.items() if held.get(r) is c}
+        # In place: the checkin listener holds this dict.
+        for record, raw in self.reported.copy().items():
+            if held.get(record) is not raw:
+                self.reported.pop(record, None)
         for record, raw in held.items():
             checkout = Checkout(*raw)
             if (
                 checkout.context is None
                 and now - checkout.at > threshold
-                and record not in self._reported
+                and record not in self.reported
             ):
-                self._reported[record] = raw
+                self.reported[record] = raw
                 logger.warning(
                     "bind %s: a connection checked out %s has been held for %.0f s"
                     " (STALEGUARD_LEAK_THRESHOLD=%s)",
@@ -177,3 +193,21 @@ class Holders:
                     now - checkout.at,
                     seconds_text(threshold),
                 )
+
+    # Reported connections that come back (HikariCP's "unleaked"): said once.
+
+    def returned_late(self, record: t.Any, raw: tuple[t.Any, ...]) -> None:
+        """Say that a connection reported as leaked or held too long came back."""
+        if self.reported.pop(record, None) is not raw:
+            return
+        checkout = Checkout(*raw)
+        held = self._clock() - checkout.at
+        logger.warning(
+            "bind %s: a connection reported as leaked or held too long (checked"
+            " out %s) was returned to the pool after %.1f s (unleaked)",
+            self.name,
+            self.where(checkout),
+            held,
+        )
+        if self.on_unleaked is not None:
+            self.on_unleaked(held)

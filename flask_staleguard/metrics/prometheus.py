@@ -1,9 +1,13 @@
 """Prometheus metrics for the guard's counters (``flask-staleguard[prometheus]``).
 
-Counters are incremented in the process where the event happens, so under
-gunicorn prometheus_client's multiprocess mode sums them over all workers: set
-``PROMETHEUS_MULTIPROC_DIR`` to an empty directory before the server starts, and
-serve :func:`metrics_view`, which reads every worker's files in that mode.
+The names are those of ``flask_staleguard.otel`` in Prometheus form (dots
+become underscores, counters end in ``_total``), so a dashboard works with
+either exporter. Counters are incremented in the process where the event
+happens, so under gunicorn prometheus_client's multiprocess mode sums them over
+all workers: set ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory before the
+server starts, and serve :func:`metrics_view`, which reads every worker's files
+in that mode. The pool gauges (``db_client_connection_*``) are read from this
+process's pools at scrape time, so that mode leaves them out.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing as t
+import weakref
 
 import sqlalchemy as sa
 from flask import Flask
@@ -22,17 +27,26 @@ from prometheus_client import Gauge
 from prometheus_client import generate_latest
 from prometheus_client import multiprocess
 from prometheus_client import REGISTRY
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from sqlalchemy import event
 
 from ..core.guard import PoolGuard
 from ..extension.state import get_state
 from ..report.snapshot import engine_for
+from .pool_state import pool_state
 from .signals import connection_replaced
 from .signals import disconnect_seen
 from .signals import leak_detected
+from .signals import leak_returned
 
 #: The key of the exporter's state in ``app.extensions``.
 EXTENSION_KEY = "staleguard_prometheus"
+
+
+#: The label of the pool, as Prometheus spells OpenTelemetry's attribute.
+POOL = "db_client_connection_pool_name"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,49 +55,104 @@ class _Metrics:
     replaced: Counter
     disconnects: Counter
     leaks: Counter
+    returned: Counter
     idle_budget: Gauge
+    pools: _PoolCollector
+
+
+class _PoolCollector(Collector):
+    """The semantic conventions' pool gauges, read from each pool at scrape time.
+
+    Only this process's pools: in multiprocess mode, :func:`generate` leaves
+    them out (each gunicorn worker has its own pool; OpenTelemetry exports each).
+    """
+
+    def __init__(self) -> None:
+        self.pools: list[tuple[weakref.ref[PoolGuard], weakref.ref[sa.Engine]]] = []
+
+    def collect(self) -> t.Iterable[Metric]:
+        count = GaugeMetricFamily(
+            "db_client_connection_count",
+            "The number of connections that are currently in state described by"
+            " the `state` attribute.",
+            labels=[POOL, "db_client_connection_state"],
+        )
+        limits = {
+            field: GaugeMetricFamily(
+                f"db_client_connection_{field}", description, labels=[POOL]
+            )
+            for field, description in (
+                ("max", "The maximum number of open connections allowed."),
+                ("idle_max", "The maximum number of idle open connections allowed."),
+                ("idle_min", "The minimum number of idle open connections allowed."),
+            )
+        }
+        for guard_ref, engine_ref in list(self.pools):
+            guard, engine = guard_ref(), engine_ref()
+            if guard is None or engine is None:
+                continue
+            state = pool_state(guard, engine.pool)
+            count.add_metric([guard.name, "used"], state.used)
+            if state.idle is not None:
+                count.add_metric([guard.name, "idle"], state.idle)
+            for field, family in limits.items():
+                value = getattr(state, field)
+                if value is not None:
+                    family.add_metric([guard.name], value)
+        yield count
+        yield from limits.values()
 
 
 # One set per registry: prometheus_client refuses to register a name twice, and
-# several apps in one process share the metrics (told apart by the bind label).
+# several apps in one process share the metrics (told apart by the pool label).
+# The names are OpenTelemetry's (flask_staleguard.otel), in Prometheus form.
 _metrics: dict[int, _Metrics] = {}
 
 
 def _metrics_for(registry: CollectorRegistry) -> _Metrics:
     metrics = _metrics.get(id(registry))
     if metrics is None:
+        pools = _PoolCollector()
+        registry.register(pools)
         metrics = _metrics[id(registry)] = _Metrics(
             Counter(
-                "staleguard_checkouts",
+                "flask_staleguard_checkouts",
                 "Connections handed out by the pool.",
-                ["bind"],
+                [POOL],
                 registry=registry,
             ),
             Counter(
-                "staleguard_replaced",
+                "flask_staleguard_connections_replaced",
                 "Stale connections replaced at checkout, by reason.",
-                ["bind", "reason"],
+                [POOL, "reason"],
                 registry=registry,
             ),
             Counter(
-                "staleguard_disconnects",
+                "flask_staleguard_disconnects",
                 "Statements that failed because the connection was gone, by code.",
-                ["bind", "code"],
+                [POOL, "code"],
                 registry=registry,
             ),
             Counter(
-                "staleguard_leaks",
+                "flask_staleguard_leaks",
                 "Connections still checked out when their app context ended.",
-                ["bind", "reclaimed"],
+                [POOL, "reclaimed"],
+                registry=registry,
+            ),
+            Counter(
+                "flask_staleguard_leaks_returned",
+                "Connections reported as leaked or held too long, returned later.",
+                [POOL],
                 registry=registry,
             ),
             Gauge(
-                "staleguard_idle_budget_seconds",
+                "flask_staleguard_idle_budget_seconds",
                 "How long a pooled connection may idle before it is replaced.",
-                ["bind"],
+                [POOL],
                 registry=registry,
                 multiprocess_mode="mostrecent",
             ),
+            pools,
         )
     return metrics
 
@@ -143,13 +212,18 @@ def _export(
     def on_leak(sender: PoolGuard, reclaimed: bool, **kwargs: t.Any) -> None:
         metrics.leaks.labels(name, str(reclaimed).lower()).inc()
 
+    def on_returned(sender: PoolGuard, **kwargs: t.Any) -> None:
+        metrics.returned.labels(name).inc()
+
     # insert=True: ahead of the guard's own listener, which raises to replace a
     # stale connection, so the count matches guard.stats()["checkouts"].
     event.listen(engine, "checkout", on_checkout, insert=True)
     connection_replaced.connect(on_replaced, sender=bind)
     disconnect_seen.connect(on_disconnect, sender=bind)
     leak_detected.connect(on_leak, sender=bind)
-    return on_checkout, on_replaced, on_disconnect, on_leak
+    leak_returned.connect(on_returned, sender=bind)
+    metrics.pools.pools.append((weakref.ref(bind), weakref.ref(engine)))
+    return on_checkout, on_replaced, on_disconnect, on_leak, on_returned
 
 
 def generate(registry: CollectorRegistry | None = None) -> tuple[bytes, str]:

@@ -20,3 +20,6 @@ disconnect_seen = _signals.signal("staleguard.disconnect-seen")
 #: A connection was still checked out when its app context ended. Keyword
 #: arguments: ``site`` (where it was checked out) and ``reclaimed`` (bool).
 leak_detected = _signals.signal("staleguard.leak-detected")
+#: A connection reported as leaked or held too long was returned to the pool at
+#: last. Keyword argument: ``held`` (seconds it was out).
+leak_returned = _signals.signal("staleguard.leak-returned")

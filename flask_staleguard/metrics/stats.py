@@ -26,6 +26,9 @@ class BindStats:
     leaks_detected: int = 0
     #: Of those, connections returned to the pool by the guard.
     leaks_reclaimed: int = 0
+    #: Connections reported as leaked or held too long that their holder
+    #: returned to the pool later ("unleaked").
+    leaks_returned: int = 0
     _lock: threading.Lock = dataclasses.field(
         default_factory=threading.Lock, repr=False, compare=False
     )
@@ -35,7 +38,9 @@ class BindStats:
         with self._lock:
             table[key] = table.get(key, 0) + 1
 
-    def add(self, counter: t.Literal["leaks_detected", "leaks_reclaimed"]) -> None:
+    def add(
+        self, counter: t.Literal["leaks_detected", "leaks_reclaimed", "leaks_returned"]
+    ) -> None:
         """Add one to a counter of the rare paths, under the lock."""
         with self._lock:
             setattr(self, counter, getattr(self, counter) + 1)
@@ -49,4 +54,5 @@ class BindStats:
                 "disconnects": dict(self.disconnects),
                 "leaks_detected": self.leaks_detected,
                 "leaks_reclaimed": self.leaks_reclaimed,
+                "leaks_returned": self.leaks_returned,
             }
