@@ -84,6 +84,14 @@ def veto_disconnects(dialect: t.Any, veto: t.Callable[[BaseException], bool]) ->
     dialect.is_disconnect = is_disconnect
 
 
+def connect_started(record: t.Any) -> float | None:
+    """The ``time.time()`` at which the pool began to open ``record``'s current
+    DBAPI connection (SQLAlchemy's ``starttime``, which ``pool_recycle`` reads).
+    """
+    started = getattr(record, "starttime", None)
+    return None if started is None else float(started)
+
+
 def checked_out_proxy(record: t.Any) -> t.Any:
     """The proxy (``_ConnectionFairy``) of a checked-out connection record, while
     its holder keeps it; ``None`` once it is gone. SQLAlchemy keeps a weak

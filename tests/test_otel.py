@@ -108,6 +108,11 @@ def test_pool_metrics_follow_the_pool(
     assert use.count == 4
     assert 0 < use.min and use.max < 5
     assert after_kill[("flask_staleguard.idle_budget", (POOL,))] == 28770
+    with app.app_context():
+        # About SQLAlchemy's internals: no engine or dialect listener, which
+        # would make every statement look up listeners.
+        assert db.engine._has_events is False
+        assert db.engine.dialect._has_events is False
 
 
 def test_without_the_guard_a_kill_is_a_disconnect(

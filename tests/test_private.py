@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import ssl
+import time
 from pathlib import Path
 
 import pymysql
@@ -165,10 +166,11 @@ def _private_attributes(path: Path) -> set[str]:
 
 
 def test_private_names_live_in_one_module() -> None:
-    # The guard's own module, werkzeug's public LocalProxy accessor and the
-    # standard library's frame access are fine; any other leading underscore is
-    # a private name of Flask, Flask-SQLAlchemy, SQLAlchemy or a driver.
-    allowed = {"_private", "_get_current_object", "_getframe"}
+    # The guard's own module, werkzeug's public LocalProxy accessor, the standard
+    # library's frame access and named tuples' documented ``_fields`` are fine;
+    # any other leading underscore is a private name of Flask, Flask-SQLAlchemy,
+    # SQLAlchemy or a driver.
+    allowed = {"_private", "_get_current_object", "_getframe", "_fields"}
     outside = {
         path.name: found
         for path in PACKAGE.rglob("*.py")
@@ -215,3 +217,15 @@ def test_veto_disconnects_answers_no_once_per_dialect(mariadb_url: str) -> None:
     _private.veto_disconnects(engine.dialect, lambda e: False)  # left alone
     assert not engine.dialect.is_disconnect(gone, None, None)
     assert sa.create_engine(mariadb_url).dialect.is_disconnect(gone, None, None)
+
+
+def test_connect_started_is_when_the_pool_began_to_connect(mariadb_url: str) -> None:
+    engine = sa.create_engine(mariadb_url, pool_size=1, max_overflow=0)
+    try:
+        before = time.time()
+        proxy = engine.raw_connection()
+        started = _private.connect_started(proxy._connection_record)
+        assert started is not None and before <= started <= time.time()
+        proxy.close()
+    finally:
+        engine.dispose()

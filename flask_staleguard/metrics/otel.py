@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from flask import Flask
 from sqlalchemy import event
 
+from .._private import connect_started
 from ..core.guard import PoolGuard
 from ..core.holders import Checkout
 from ..core.protect import Protection
@@ -55,7 +56,6 @@ MAX_PENDING = 10_000
 
 #: Where a new connection's connect started, in its record's ``info`` (which
 #: SQLAlchemy clears before each new DBAPI connection).
-_STARTED = "staleguard.otel.connect_started"
 
 #: The index of :attr:`Checkout.at` in the tuples of ``Holders.checked_out``.
 _AT: t.Final = 2
@@ -289,15 +289,13 @@ def _listen(
     use_time = instruments.use_time
     pending = instruments.pending_use
 
-    def on_do_connect(dialect: t.Any, record: t.Any, *args: t.Any) -> None:
-        # The dialect's hook before the driver connects; None: connect as usual.
-        if record is not None:
-            record.info[_STARTED] = clock()
-
     def on_connect(dbapi_connection: t.Any, record: t.Any) -> None:
-        started = record.info.pop(_STARTED, None)
+        # SQLAlchemy notes the wall-clock time before it calls the driver. (A
+        # do_connect listener could time it too, but any dialect listener makes
+        # SQLAlchemy look up listeners around every statement.)
+        started = connect_started(record)
         if started is not None:
-            create_time.record(clock() - started, pool_name)
+            create_time.record(max(0.0, time.time() - started), pool_name)
 
     def on_checkin(dbapi_connection: t.Any, record: t.Any) -> None:
         # Ahead of the guard's own checkin listener, which forgets the checkout.
@@ -308,7 +306,6 @@ def _listen(
             else:  # nobody collects: record at once rather than hoard
                 use_time.record(clock() - held[_AT], pool_name)
 
-    event.listen(engine, "do_connect", on_do_connect)
     # Last: the time includes the dialect's setup and the guard's discovery.
     event.listen(engine, "connect", on_connect)
     event.listen(engine, "checkin", on_checkin, insert=True)
