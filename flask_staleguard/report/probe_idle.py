@@ -40,6 +40,9 @@ from .snapshot import select_binds
 #: Connections idled at once in each narrowing round: more cut a range finer per
 #: round (a round lasts as long as its longest interval).
 ROUND_CONNECTIONS = 15
+#: At most this many rounds per stage: a path that answers erratically (or a
+#: machine too slow to open the connections in time) cannot keep it going.
+MAX_ROUNDS = 12
 #: How long a live connection may take to answer ``SELECT 1`` before the path is
 #: taken to have dropped it silently (no FIN, no RST: most NAT gateways).
 ANSWER_TIMEOUT = 5.0
@@ -293,26 +296,38 @@ def measure(
     ``connect`` returns a DBAPI connection the server itself will not time out.
     """
 
-    def round_(intervals: t.Sequence[float]) -> tuple[float, float | None, str | None]:
+    def round_(
+        intervals: t.Sequence[float],
+    ) -> tuple[float, float | None, str | None, list[float]]:
         return _round(connect, intervals, progress, label, answer_timeout)
 
-    alive, closed, how = round_(growing(start, maximum))
-    while closed is not None:
+    alive, closed, how = 0.0, None, None
+    intervals = growing(start, maximum)
+    for _ in range(MAX_ROUNDS):
+        longest, closed, how, untried = round_(intervals)
+        alive = max(alive, longest)
+        if closed is not None or not untried:
+            break
+        intervals = untried  # the round could not open them all in time
+    for _ in range(MAX_ROUNDS):
+        if closed is None:
+            break
         tolerance = resolution or max(0.25, 0.05 * closed)
         if closed - alive <= tolerance:
             break
         step = (closed - alive) / (ROUND_CONNECTIONS + 1)
         intervals = [alive + step * i for i in range(1, ROUND_CONNECTIONS + 1)]
-        longest, shortest, verdict = round_(intervals)
+        longest, shortest, verdict, _ = round_(intervals)
         alive = max(alive, longest)
-        if shortest is not None:
+        if shortest is not None and shortest < closed:
             closed, how = shortest, verdict
     return alive, closed, how
 
 
 class _Idle(t.NamedTuple):
     connection: t.Any
-    interval: float
+    #: When its last exchange ended: its idling began then.
+    opened: float
     due: float
 
 
@@ -322,22 +337,34 @@ def _round(
     progress: Progress,
     label: str,
     answer_timeout: float,
-) -> tuple[float, float | None, str | None]:
+) -> tuple[float, float | None, str | None, list[float]]:
     """Idle one connection per interval, all at once; check each when it is due.
 
     Longer idles die no earlier than shorter ones, so the first closed connection
-    ends the round.
+    ends the round. Each connection counts for the time it really idled, and no
+    more are opened once the first is due: on a slow path or a loaded machine,
+    opening them all could take longer than the shortest interval, and a
+    connection checked late must not be taken for one that died early.
     """
     idles: list[_Idle] = []
+    untried = sorted(intervals)
     try:
-        for interval in sorted(intervals):
+        took = 0.0
+        while untried:
+            if idles and time.monotonic() + took >= idles[0].due:
+                break  # the rest wait for another round
+            interval = untried.pop(0)
+            began = time.monotonic()
             connection = connect()
-            idles.append(_Idle(connection, interval, time.monotonic() + interval))
+            opened = time.monotonic()
+            took = max(took, opened - began)
+            idles.append(_Idle(connection, opened, opened + interval))
         begin = time.monotonic()
+        shortest = idles[0].due - idles[0].opened
+        longest = idles[-1].due - idles[-1].opened
         text = (
             f"{label}: idling {len(idles)} connection{'s' if len(idles) > 1 else ''}"
-            f" for {seconds_text(idles[0].interval)} to"
-            f" {seconds_text(idles[-1].interval)}"
+            f" for {seconds_text(shortest)} to {seconds_text(longest)}"
         )
         alive = 0.0
         with progress(text, idles[-1].due - begin) as update:
@@ -345,12 +372,13 @@ def _round(
                 while (left := idle.due - time.monotonic()) > 0:
                     time.sleep(min(left, 0.1))
                     update(time.monotonic() - begin)
+                idled = time.monotonic() - idle.opened
                 verdict = _check(idle.connection, answer_timeout)
                 if verdict is not None:
                     update(idles[-1].due - begin)
-                    return alive, idle.interval, verdict
-                alive = idle.interval
-        return alive, None, None
+                    return alive, max(idled, alive), verdict, untried
+                alive = max(alive, idled)
+        return alive, None, None, untried
     finally:
         for idle in idles:
             _close(idle.connection)
