@@ -202,3 +202,37 @@ def test_a_new_connection_killed_before_its_first_checkout(
     else:
         with pytest.raises(sa.exc.OperationalError):
             app.test_client().get("/q")
+
+
+def test_a_replacement_lost_too_fails_with_the_drivers_error(
+    make_app: AppFactory, mariadb: MariaDBServer, guard_log: t.Any
+) -> None:
+    # A stale connection is replaced, and its replacement is KILLed before its
+    # first checkout too (a restart in progress). SQLAlchemy retries a checkout
+    # only once: a second rejection would fail it with "This connection is
+    # closed". The guard hands the second one over instead, and the app gets
+    # the driver's own disconnect error, as it would without the guard.
+    app, db = make_app(mariadb.url, SQLALCHEMY_ENGINE_OPTIONS=POOL)
+    add_route(app, db)
+    (first,) = request_ids(app, 1)
+    with app.app_context():
+        engine = db.engine
+    killed: list[int] = []
+
+    @sa.event.listens_for(engine, "connect")
+    def kill_the_replacement(dbapi_connection: t.Any, record: t.Any) -> None:
+        if not killed:
+            killed.append(dbapi_connection.thread_id())
+            mariadb.execute(f"KILL {killed[0]}")
+            time.sleep(0.2)  # the FIN arrives
+
+    mariadb.execute(f"KILL {first}")
+    time.sleep(0.2)
+    with pytest.raises(sa.exc.OperationalError) as failed:
+        app.test_client().get("/q")
+    assert is_gone_error(failed.value)
+    assert replaced(app) == {"probe_eof": 1}
+    said = [r for r in guard_log.records if "is handed over" in r.getMessage()]
+    assert len(said) == 1
+    (served,) = request_ids(app, 1)  # the pool recovers at once
+    assert served not in (first, killed[0])

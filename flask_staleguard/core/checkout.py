@@ -118,6 +118,9 @@ class CheckoutChecks:
         #: The TCP keepalive every new connection gets; ``None``: the driver's.
         self.keepalive = keepalive
         self._told_hidden = False
+        #: ``id()`` of the proxies whose checkout this pool already failed once:
+        #: SQLAlchemy retries a checkout once, with a brand new connection.
+        self._retried: set[int] = set()
         self._guarding = strategy == "guard"
         self._watching = strategy != "off"
         self._dialect: t.Any = None
@@ -229,23 +232,30 @@ class CheckoutChecks:
                 # Brand new: it has not idled, but a KILL or a restart between
                 # its connect and this checkout already shows on its socket.
                 socket_probe = state.probe
+                retry = bool(self._retried) and id(proxy) in self._retried
+                if retry:
+                    self._retried.discard(id(proxy))
                 if self._guarding and socket_probe is not None and socket_probe.poll(0):
-                    self._judge(socket_probe.peek(), dbapi_connection, state)
+                    if retry:
+                        self._hand_over_lost(state)
+                    else:
+                        self._judge(socket_probe.peek(), dbapi_connection, state, proxy)
             elif state.pid != _pid:
                 # Closing the parent's socket would send COM_QUIT on the parent's
                 # connection; drop it instead (SQLAlchemy's multiprocessing recipe).
                 record.dbapi_connection = proxy.dbapi_connection = None
-                raise self._replace("fork", None, "")
+                raise self._retrying(proxy, self._replace("fork", None, ""))
             else:
                 idle = state.idle = now - state.returned
                 if self._guarding:
                     if idle > state.budget:
-                        raise self._replace("idle_budget", idle, "")
+                        error = self._replace("idle_budget", idle, "")
+                        raise self._retrying(proxy, error)
                     socket_probe = state.probe
                     # poll(0) is the whole check when the socket is quiet, as it
                     # is for a live idle connection: called directly, no frame.
                     if socket_probe is not None and socket_probe.poll(0):
-                        self._judge(socket_probe.peek(), dbapi_connection, state)
+                        self._judge(socket_probe.peek(), dbapi_connection, state, proxy)
         # Only a connection the checks let through is held.
         self._hold(record, now)
 
@@ -262,24 +272,46 @@ class CheckoutChecks:
                 )
             state.returned = self._clock()
 
+    def _retrying(self, proxy: t.Any, error: DisconnectionError) -> DisconnectionError:
+        """``error``, after noting that SQLAlchemy will retry ``proxy``'s checkout."""
+        if len(self._retried) > 256:  # retries whose connect failed never came back
+            self._retried.clear()
+        self._retried.add(id(proxy))
+        return error
+
+    def _hand_over_lost(self, state: ConnectionState) -> None:
+        """Let a lost connection through on SQLAlchemy's one retry of a checkout.
+
+        A second ``DisconnectionError`` would fail the checkout with "This
+        connection is closed", which says less than the driver's own error that
+        the app's first statement now gets, as it would without the guard.
+        """
+        logger.warning(
+            "bind %s: the new connection that replaced a stale one is already"
+            " gone too (the server is restarting, or killing connections); it is"
+            " handed over, and its first statement fails with the driver's error",
+            self._name,
+        )
+
     def _judge(
         self,
         verdict: tuple[str, bytes],
         dbapi_connection: t.Any,
         state: ConnectionState,
+        proxy: t.Any,
     ) -> None:
         """Replace a connection whose socket spoke while idle, unless a ping says no."""
         reason, data = verdict
         idle = state.idle
         if reason != probe.UNKNOWN:
-            raise self._replace(reason, idle, "")
+            raise self._retrying(proxy, self._replace(reason, idle, ""))
         detail = ""
         if self._kind == "mysql":
             reason, detail = probe.mysql_verdict(data, state.tls)
         elif self._kind == "postgresql":
             reason, detail = probe.postgres_verdict(data)
         if reason != probe.UNKNOWN:
-            raise self._replace(reason, idle, detail)
+            raise self._retrying(proxy, self._replace(reason, idle, detail))
         # Bytes nobody can classify here (TLS records, a NOTIFY): one real ping
         # decides, rather than trusting or discarding blindly; within the time
         # limit, as a silently dropped path would never answer.
@@ -289,8 +321,11 @@ class CheckoutChecks:
             except Exception:
                 alive = False
         if struck():
-            raise self._replace(
+            error = self._replace(
                 "probe_ping_timeout", idle, f"no answer within {self._timeout:g} s"
             )
+            raise self._retrying(proxy, error)
         if not alive:
-            raise self._replace("probe_ping_failed", idle, detail)
+            raise self._retrying(
+                proxy, self._replace("probe_ping_failed", idle, detail)
+            )
