@@ -60,7 +60,7 @@ class Holders:
         self.threshold = threshold
         #: Connections checked out now, with who took them, where and when: the
         #: fields of a :class:`Checkout`, as a plain tuple (cheaper to build).
-        #: :meth:`hold` adds to it; the checkin listener removes from it.
+        #: ``hold()`` adds to it; the checkin listener removes from it.
         self.checked_out: dict[t.Any, tuple[t.Any, Site, float, t.Any]] = {}
         #: Whether checkouts by an owner record their site: from the pool's first
         #: leak on, or from the start (``record_sites``, for test suites).
