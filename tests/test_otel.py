@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
 import os
 import subprocess
 import sys
 import time
 import typing as t
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,9 +29,8 @@ from flask_staleguard.otel import instrument
 from tests.helpers import AppFactory
 from tests.helpers import connection_id
 from tests.helpers import stats
-from tests.servers import free_port
 from tests.servers import MariaDBServer
-from tests.servers import wait_for_port
+from tests.webservers import Gunicorn
 
 Points = dict[tuple[str, tuple[tuple[str, t.Any], ...]], t.Any]
 
@@ -303,42 +300,22 @@ def otel():
 
 def test_each_gunicorn_worker_exports(tmp_path: Path, mariadb_url: str) -> None:
     (tmp_path / "sg_otel_app.py").write_text(OTEL_APP)
-    port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(Path(flask_staleguard.__file__).parents[1]),
-        "SG_TEST_URL": mariadb_url,
-    }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}"]
-        + ["--chdir", str(tmp_path), "sg_otel_app:app"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert wait_for_port("127.0.0.1", port, 30, lambda: server.poll() is None)
-        base = f"http://127.0.0.1:{port}"
-
-        def get(path: str) -> t.Any:
-            with urllib.request.urlopen(base + path, timeout=10) as response:
-                return json.loads(response.read())
-
+    options = ("-w", "2", "--chdir", str(tmp_path))
+    log = tmp_path / "gunicorn.log"
+    with Gunicorn("sg_otel_app:app", log, *options, SG_TEST_URL=mariadb_url) as server:
         served: collections.Counter[int] = collections.Counter(
-            get("/query")["pid"] for _ in range(12)
+            server.get("/query")["pid"] for _ in range(12)
         )
         dumps: dict[int, dict[str, t.Any]] = {}
         # Two at once, each holding its sync worker, reach both workers.
         with ThreadPoolExecutor(2) as pool:
             for _ in range(10):
-                for dump in pool.map(get, ["/otel?hold=0.3"] * 2):
+                for dump in pool.map(server.get, ["/otel?hold=0.3"] * 2):
                     dumps[_pid_of(dump)] = dump
                 if len(dumps) == 2:
                     break
         assert len(dumps) == 2, "one gunicorn worker answered every request"
-    finally:
-        server.terminate()
-        _, stderr = server.communicate(timeout=30)
+    stderr = log.read_bytes()
     # Each worker counted its own checkouts and its own pool.
     for pid, dump in dumps.items():
         points = _points_of(dump)

@@ -4,12 +4,7 @@ workers in prometheus_client's multiprocess mode.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
-import typing as t
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +18,6 @@ from opentelemetry.sdk.metrics.export import Sum
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-import flask_staleguard
 from flask_staleguard.metrics.prometheus import generate
 from flask_staleguard.metrics.prometheus import POOL
 from flask_staleguard.metrics.prometheus import StaleGuardMetrics
@@ -31,9 +25,8 @@ from flask_staleguard.otel import instrument
 from tests.helpers import AppFactory
 from tests.helpers import connection_id
 from tests.helpers import stats
-from tests.servers import free_port
 from tests.servers import MariaDBServer
-from tests.servers import wait_for_port
+from tests.webservers import Gunicorn
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -196,42 +189,27 @@ def test_gunicorn_workers_are_summed(tmp_path: Path, mariadb_url: str) -> None:
     (tmp_path / "sg_metrics_app.py").write_text(METRICS_APP)
     metrics_dir = tmp_path / "prometheus"
     metrics_dir.mkdir()
-    port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(Path(flask_staleguard.__file__).parent.parent),
-        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-        "SG_TEST_URL": mariadb_url,
-    }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}"]
-        + ["--chdir", str(tmp_path), "sg_metrics_app:app"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert wait_for_port("127.0.0.1", port, 30, lambda: server.poll() is None)
-        base = f"http://127.0.0.1:{port}"
-
-        def get(path: str) -> bytes:
-            with urllib.request.urlopen(base + path, timeout=10) as response:
-                return t.cast(bytes, response.read())
-
+    log = tmp_path / "gunicorn.log"
+    with Gunicorn(
+        "sg_metrics_app:app",
+        log,
+        *("-w", "2", "--chdir", str(tmp_path)),
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+        SG_TEST_URL=mariadb_url,
+    ) as server:
         pids: set[int] = set()
         requests = 0
         # Sequential requests can all land on one worker. Two at once, each
         # holding its sync worker for a while, must be served by both.
         with ThreadPoolExecutor(2) as pool:
             while len(pids) < 2 and requests < 20:
-                answers = pool.map(get, ["/query?hold=0.3"] * 2)
-                pids.update(json.loads(answer)["pid"] for answer in answers)
+                answers = pool.map(server.get, ["/query?hold=0.3"] * 2)
+                pids.update(answer["pid"] for answer in answers)
                 requests += 2
         assert len(pids) == 2, "one gunicorn worker served every request"
-        found = samples(get("/metrics").decode())
-    finally:
-        server.terminate()
-        _, stderr = server.communicate(timeout=30)
+        with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as response:
+            found = samples(response.read().decode())
+    stderr = log.read_bytes()
     # One worker answered the scrape, yet the count covers both.
     checkouts = found[("flask_staleguard_checkouts_total", ((POOL, "default"),))]
     assert checkouts == requests, stderr.decode()

@@ -176,6 +176,24 @@ def test_connection_pooled_before_the_guard_is_guarded_after_its_checkin(
         engine.dispose()
 
 
+def kill_the_next_connection(
+    engine: sa.engine.Engine, mariadb: MariaDBServer
+) -> list[int]:
+    """KILL the next connection ``engine`` opens, right after its connect; the
+    list returned gets its id.
+    """
+    killed: list[int] = []
+
+    @sa.event.listens_for(engine, "connect")
+    def kill_it(dbapi_connection: t.Any, record: t.Any) -> None:
+        if not killed:
+            killed.append(dbapi_connection.thread_id())
+            mariadb.execute(f"KILL {killed[0]}")
+            time.sleep(0.2)  # the FIN arrives
+
+    return killed
+
+
 @pytest.mark.parametrize("guard", [True, False])
 def test_a_new_connection_killed_before_its_first_checkout(
     make_app: AppFactory, mariadb: MariaDBServer, guard: bool
@@ -184,16 +202,8 @@ def test_a_new_connection_killed_before_its_first_checkout(
     # idled, but its socket already shows the FIN.
     app, db = make_app(mariadb.url, guard=guard, SQLALCHEMY_ENGINE_OPTIONS=POOL)
     add_route(app, db)
-    killed: list[int] = []
     with app.app_context():
-        engine = db.engine
-
-    @sa.event.listens_for(engine, "connect")
-    def kill_the_first(dbapi_connection: t.Any, record: t.Any) -> None:
-        if not killed:
-            killed.append(dbapi_connection.thread_id())
-            mariadb.execute(f"KILL {killed[0]}")
-            time.sleep(0.2)  # the FIN arrives
+        killed = kill_the_next_connection(db.engine, mariadb)
 
     if guard:
         (served,) = request_ids(app, 1)
@@ -216,15 +226,7 @@ def test_a_replacement_lost_too_fails_with_the_drivers_error(
     add_route(app, db)
     (first,) = request_ids(app, 1)
     with app.app_context():
-        engine = db.engine
-    killed: list[int] = []
-
-    @sa.event.listens_for(engine, "connect")
-    def kill_the_replacement(dbapi_connection: t.Any, record: t.Any) -> None:
-        if not killed:
-            killed.append(dbapi_connection.thread_id())
-            mariadb.execute(f"KILL {killed[0]}")
-            time.sleep(0.2)  # the FIN arrives
+        killed = kill_the_next_connection(db.engine, mariadb)
 
     mariadb.execute(f"KILL {first}")
     time.sleep(0.2)
