@@ -119,6 +119,13 @@ def pop_lite_sessions(g: t.Any) -> dict[str, t.Any]:
     return dict(g.pop("_sqlalchemy_sessions", None) or {})
 
 
+def pop_lite_async_sessions(g: t.Any) -> dict[str, t.Any]:
+    """The async sessions Flask-SQLAlchemy-Lite cached on ``g`` and has not
+    closed, taken off ``g`` as :func:`pop_lite_sessions` does.
+    """
+    return dict(g.pop("_sqlalchemy_async_sessions", None) or {})
+
+
 def pymysql_socket(dbapi_connection: t.Any) -> t.Any:
     """PyMySQL's socket (a ``socket`` or ``ssl.SSLSocket``); it has no accessor."""
     return getattr(dbapi_connection, "_sock", None)

@@ -172,3 +172,45 @@ def test_the_private_name_of_its_cached_sessions(
         assert pop_lite_sessions(g) == {"default": session}
         assert pop_lite_sessions(g) == {}
         session.close()
+
+
+def test_its_async_sessions_are_closed_when_another_teardown_raises(
+    mariadb: MariaDBServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "flask_staleguard")
+    app = Flask("lite_async")
+    app.config["TESTING"] = True
+    url = mariadb.url.replace("mysql+pymysql://", "mysql+aiomysql://")
+    app.config["SQLALCHEMY_ASYNC_ENGINES"] = {"default": {"url": url, **POOL}}
+    db = SQLAlchemyLite(require_default_engine=False)
+    StaleGuard(app)
+    db.init_app(app)
+
+    @app.route("/q")
+    async def query() -> str:
+        sql = sa.text("SELECT CONNECTION_ID()")
+        return str((await db.async_session.execute(sql)).scalar_one())
+
+    with app.app_context():
+        pool = db.async_engine.sync_engine.pool
+    raised: list[bool] = []
+
+    @app.teardown_appcontext
+    def broken(exc: BaseException | None) -> None:
+        if not raised:  # once: the clean-up below pushes a context too
+            raised.append(True)
+            raise RuntimeError("a teardown that raises")
+
+    try:
+        with raises(RuntimeError, "a teardown that raises"):
+            app.test_client().get("/q")
+        # On Flask 3.1 Lite's own teardown was skipped; the guard closed the
+        # async session and its connection went back to the pool.
+        assert pool.checkedout() == 0  # type: ignore[attr-defined]
+        said = [r.getMessage() for r in caplog.records]
+        assert any("session 'default (async)'" in s for s in said) or (
+            not TEARDOWNS_STOP_AT_FIRST_ERROR
+        )
+    finally:
+        with app.app_context():
+            app.ensure_sync(db.async_engine.dispose)()

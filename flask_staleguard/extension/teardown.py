@@ -16,6 +16,7 @@ import typing as t
 from flask import Flask
 from sqlalchemy.orm import scoped_session
 
+from .._private import pop_lite_async_sessions
 from .._private import pop_lite_sessions
 from .._private import sessions_open
 from ..errors import LeakError
@@ -108,12 +109,19 @@ def clean_up(
 
 
 def close_lite_sessions(ctx: t.Any, left_by: str) -> None:
-    """Close the sessions Flask-SQLAlchemy-Lite left on ``g``: its teardown did
-    not run (Flask 3.1 and older stop at the first teardown that raises).
+    """Close the sessions Flask-SQLAlchemy-Lite left on ``g``, async ones too:
+    its teardown did not run (Flask 3.1 and older stop at the first teardown
+    that raises).
     """
-    for name, session in pop_lite_sessions(ctx.g).items():
+    left_by = left_by.replace("Flask-SQLAlchemy's", "Flask-SQLAlchemy-Lite's")
+    sessions = [(name, s.close) for name, s in pop_lite_sessions(ctx.g).items()]
+    for name, session in pop_lite_async_sessions(ctx.g).items():
+        # Flask's own bridge from sync code to a coroutine (asgiref, which
+        # Flask-SQLAlchemy-Lite's async support needs anyway).
+        sessions.append((f"{name} (async)", ctx.app.ensure_sync(session.close)))
+    for name, close in sessions:
         try:
-            session.close()
+            close()
         except Exception as e:
             logger.warning(
                 "Flask-SQLAlchemy-Lite's session %r could not be closed at"
@@ -127,7 +135,7 @@ def close_lite_sessions(ctx: t.Any, left_by: str) -> None:
             "Flask-SQLAlchemy-Lite's session %r was still open after teardown (%s);"
             " it was closed and its connection returned",
             name,
-            left_by.replace("Flask-SQLAlchemy's", "Flask-SQLAlchemy-Lite's"),
+            left_by,
         )
 
 
