@@ -54,9 +54,6 @@ BUCKETS = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0]
 #: How many use times may wait for a collection before checkins record their own.
 MAX_PENDING = 10_000
 
-#: Where a new connection's connect started, in its record's ``info`` (which
-#: SQLAlchemy clears before each new DBAPI connection).
-
 #: The index of :attr:`Checkout.at` in the tuples of ``Holders.checked_out``.
 _AT: t.Final = 2
 if Checkout._fields[_AT] != "at":  # pragma: no cover - a guard for refactors
