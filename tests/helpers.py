@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import time
 import typing as t
 import weakref
 from collections.abc import Iterator
@@ -24,6 +25,9 @@ from flask_sqlalchemy import SQLAlchemy
 
 from flask_staleguard import StaleGuard
 from tests.clitools import invoke
+
+if t.TYPE_CHECKING:
+    from tests.servers import MariaDBServer
 
 MYSQL_ID = "SELECT CONNECTION_ID()"
 POSTGRES_ID = "SELECT pg_backend_pid()"
@@ -118,6 +122,18 @@ def connection_id(db: SQLAlchemy, bind: str | None = None) -> int:
     """The server-side id of the connection a fresh checkout gets."""
     with db.engines[bind].connect() as conn:
         return int(conn.execute(sa.text(MYSQL_ID)).scalar_one())
+
+
+def fail_after_a_kill(app: Flask, db: SQLAlchemy, server: MariaDBServer) -> None:
+    """Pool one connection of the app's user, KILL it, and see the next statement
+    on it fail, as it does without the guard (strategy ``"off"``).
+    """
+    with app.app_context():
+        connection_id(db)
+        server.kill_connections(user="sg")
+        time.sleep(0.2)  # the FIN arrives
+        with pytest.raises(sa.exc.OperationalError):
+            connection_id(db)
 
 
 def engine_connection_id(engine: sa.engine.Engine) -> int:

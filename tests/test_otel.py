@@ -28,6 +28,7 @@ from flask_staleguard.metrics import otel
 from flask_staleguard.otel import instrument
 from tests.helpers import AppFactory
 from tests.helpers import connection_id
+from tests.helpers import fail_after_a_kill
 from tests.helpers import stats
 from tests.servers import MariaDBServer
 from tests.webservers import Gunicorn
@@ -121,12 +122,7 @@ def test_without_the_guard_a_kill_is_a_disconnect(
     reader = InMemoryMetricReader()
     app, db = make_app(mariadb.user_url, STALEGUARD_STRATEGY="off")
     instrument(app, MeterProvider(metric_readers=[reader]))
-    with app.app_context():
-        connection_id(db)
-        mariadb.kill_connections(user="sg")
-        time.sleep(0.2)
-        with pytest.raises(sa.exc.OperationalError):
-            connection_id(db)
+    fail_after_a_kill(app, db, mariadb)
     points = read(reader)
     assert not [k for k in points if k[0] == "flask_staleguard.connections.replaced"]
     (code,) = stats(app)["disconnects"]

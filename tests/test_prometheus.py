@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import Histogram
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -24,6 +23,7 @@ from flask_staleguard.metrics.prometheus import StaleGuardMetrics
 from flask_staleguard.otel import instrument
 from tests.helpers import AppFactory
 from tests.helpers import connection_id
+from tests.helpers import fail_after_a_kill
 from tests.helpers import stats
 from tests.servers import MariaDBServer
 from tests.webservers import Gunicorn
@@ -73,12 +73,7 @@ def test_disconnects_are_counted_by_code(
     registry = CollectorRegistry()
     app, db = make_app(mariadb.user_url, STALEGUARD_STRATEGY="off")
     StaleGuardMetrics(app, registry=registry)
-    with app.app_context():
-        connection_id(db)
-        mariadb.kill_connections(user="sg")
-        time.sleep(0.2)
-        with pytest.raises(sa.exc.OperationalError):
-            connection_id(db)
+    fail_after_a_kill(app, db, mariadb)
     (code,) = stats(app)["disconnects"]
     found = samples(generate(registry)[0].decode())
     key = ("flask_staleguard_disconnects_total", (("code", code), (POOL, "default")))
