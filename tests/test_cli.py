@@ -148,6 +148,19 @@ def test_pool_json_schema_with_two_binds(
     assert [b["bind"] for b in json.loads(result.stdout)["binds"]] == ["pg"]
 
 
+def test_pool_table_counts_leaks_and_their_late_returns(
+    make_app: AppFactory, mariadb_url: str, guard_log: pytest.LogCaptureFixture
+) -> None:
+    app, db = make_app(mariadb_url, STALEGUARD_LEAKS="warn")
+    with app.app_context():
+        leaked = db.engine.connect()  # reported, and left out by the "warn" policy
+    leaked.close()
+    result = invoke(app, "pool")
+    assert result.exit_code == 0, result.output
+    (stats,) = [line for line in result.stdout.splitlines() if "  Stats " in line]
+    assert stats.endswith("leaks: 1 (0 reclaimed, 1 returned late)"), stats
+
+
 def test_pool_table_flags_idle_past_budget_and_missing_privilege(
     make_app: AppFactory, mariadb: MariaDBServer, guard_log: pytest.LogCaptureFixture
 ) -> None:

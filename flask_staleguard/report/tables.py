@@ -174,5 +174,6 @@ def _format_stats(stats: Report) -> str:
     return (
         f"{stats['checkouts']} checkouts; replaced: {counts(stats['replaced'])};"
         f" disconnects: {counts(stats['disconnects'])};"
-        f" leaks: {stats['leaks_detected']} ({stats['leaks_reclaimed']} reclaimed)"
+        f" leaks: {stats['leaks_detected']} ({stats['leaks_reclaimed']} reclaimed,"
+        f" {stats['leaks_returned']} returned late)"
     )
