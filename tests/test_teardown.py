@@ -158,6 +158,27 @@ def test_leaked_connections_do_not_exhaust_the_pool(
     assert stats(app)["leaks_reclaimed"] == 10
 
 
+def test_a_leak_is_reclaimed_while_the_pool_is_busy(
+    make_app: AppFactory, mariadb: MariaDBServer, guard_log: t.Any
+) -> None:
+    """Under load other holders always have connections out: the teardown
+    still finds its own context's leak, and leaves theirs alone.
+    """
+    app, db, held = leaky_app(make_app, mariadb.url)
+    with app.app_context():
+        engine = db.engine
+    other = engine.connect()  # held outside any app context, all along
+    try:
+        for _ in range(2):
+            assert app.test_client().get("/leak").text == "1"
+        assert stats(app)["leaks_reclaimed"] == 2
+        assert checked_out(app, db) == 1
+        assert other.execute(sa.text("SELECT 1")).scalar_one() == 1
+    finally:
+        other.close()
+    assert checked_out(app, db) == 0
+
+
 def test_warn_policy_only_warns(make_app: AppFactory, mariadb: MariaDBServer) -> None:
     app, db, held = leaky_app(make_app, mariadb.url, STALEGUARD_LEAKS="warn")
     client = app.test_client()

@@ -40,6 +40,19 @@ class GuardState:
         self.binds[bind.key] = bind
         self.held.append(bind.holders.checked_out)
 
+    def holds(self, ctx: t.Any) -> bool:
+        """Whether ``ctx`` has a connection checked out in any bind.
+
+        Under load other requests always hold some: only the ending context's
+        own make its clean-up worth running.
+        """
+        for checked_out in self.held:
+            # Copied in one step: other threads check out and in meanwhile.
+            for holder in tuple(checked_out.values()):
+                if holder[0] is ctx:
+                    return True
+        return False
+
 
 def get_state(app: Flask | None = None, *, method: str = "this") -> GuardState:
     """The guard's state for ``app`` (default: the current app)."""

@@ -64,7 +64,9 @@ def _wrap_teardowns(app: Flask, state: GuardState) -> None:
             raise
         # Inline, as it runs after every request: usually there is nothing to do.
         if sessions or any(map(bool, held)):
-            clean_up(app, state, current_context())
+            ctx = current_context()
+            if sessions or state.holds(ctx):
+                clean_up(app, state, ctx)
 
     app.do_teardown_appcontext = do_teardown_appcontext  # type: ignore[method-assign]
 
@@ -73,12 +75,12 @@ def _teardown(app: Flask, state: GuardState, exc: BaseException | None) -> None:
     # Flask-SQLAlchemy's teardown ran before this one; a session still there
     # means its remove() failed.
     db = flask_sqlalchemy(app)
-    if (
-        state.guard.sessions
-        or any(map(bool, state.held))
-        or (db is not None and sessions_open(db.session))
-    ):
+    if state.guard.sessions or (db is not None and sessions_open(db.session)):
         clean_up(app, state, current_context())
+    elif any(map(bool, state.held)):
+        ctx = current_context()
+        if state.holds(ctx):
+            clean_up(app, state, ctx)
 
 
 def clean_up(
