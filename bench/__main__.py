@@ -36,6 +36,9 @@ SCENARIOS = ("pool", "latency", "reconnects", "statements", "keepalive")
 #: Run only when asked for.
 EXTRA_SCENARIOS = ("instructions",)
 VARIANTS = ["bare", "pre_ping", "recycle", "guard"]
+#: The cost scenarios add the floor (bare with two empty pool listeners) and the
+#: guard with a busy pool.
+COST_VARIANTS = ["bare", "listeners", "pre_ping", "recycle", "guard", "busy"]
 
 #: Per mode: how long each scenario may run. ``full`` takes about 6 minutes,
 #: ``quick`` under 2.
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
             log("scenario pool: per-request cost on loopback")
             p = plan["pool"]
-            apps = build_all(VARIANTS, url)
+            apps = build_all(COST_VARIANTS, url)
             raw = pool_cost.measure(
                 apps,
                 rounds=p["rounds"],
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
             log("scenario instructions: per request, counted by valgrind")
             found_lines, found = instructions.run(
-                url, variants=VARIANTS, log=log, **plan["instructions"]
+                url, variants=COST_VARIANTS, log=log, **plan["instructions"]
             )
             lines += found_lines
             benchmarks += found

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import REPO
 from . import report
+from .pool_cost import FLOOR
 
 _WARMUP = 300
 
@@ -129,17 +130,22 @@ def run(
         f" {_WARMUP} of warm-up; user space only. µs at bare's"
         f" {per_us:,.0f} instructions per user-CPU µs ({user_us:.1f} µs a request).",
         "",
-        "| variant | instructions per request | added over bare | ≈ added µs |",
-        "| --- | --- | --- | --- |",
+        "| variant | instructions per request | added over bare | ≈ added µs |"
+        " added over listeners |",
+        "| --- | --- | --- | --- | --- |",
     ]
+    floor = per_request.get(FLOOR)
     for v, n in per_request.items():
         added = n - per_request["bare"]
+        own = "–"
+        if floor is not None and v not in ("bare", FLOOR, "pre_ping"):
+            own = f"{n - floor:,.0f}"
         lines.append(
             f"| {v} | {n:,.0f} | "
             + ("–" if v == "bare" else f"{added:,.0f}")
             + " | "
             + ("–" if v == "bare" else report.fmt(added / per_us))
-            + " |"
+            + f" | {own} |"
         )
     lines.append("")
     return lines, []

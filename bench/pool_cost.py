@@ -145,21 +145,26 @@ def summarize(
 
     ``key`` picks the per-round figure: ``wall_us`` (round time / requests) or
     ``trim_us`` (the round's 10 %-trimmed mean request). The ratio is the median
-    over rounds of ``(variant - baseline) / (reference - baseline)``.
+    over rounds of ``(variant - baseline) / (reference - baseline)``. With
+    :data:`FLOOR` among the variants, a listening variant's cost over it is its
+    own code's, without SQLAlchemy's dispatch of the pool events.
     """
     per_round, cpu = raw[key], raw["cpu_us"]
     ref_added = report.paired(per_round[reference], per_round[baseline])
     rows, benchmarks = [], []
     for name, values in per_round.items():
         added = report.paired(values, per_round[baseline])
-        cells = ["–", "–", "–"]
+        cells = ["–", "–", "–", "–"]
         if name != baseline:
             ratios = [a / r for a, r in zip(added, ref_added) if r > 0]
             cells = [
                 report.ci(added),
                 report.ci(report.paired(cpu[name], cpu[baseline])),
                 report.ci(ratios, 3),
+                "–",
             ]
+        if name not in (baseline, FLOOR, reference) and FLOOR in per_round:
+            cells[3] = report.ci(report.paired(values, per_round[FLOOR]))
         rows.append(
             f"| {name} | {report.fmt(report.median_ci(values)[0])} | "
             + " | ".join(cells)
@@ -179,9 +184,12 @@ def summarize(
     return rows, benchmarks
 
 
+#: The variant whose cost every pool listener pays: bare with two empty ones.
+FLOOR = "listeners"
+
 #: The header of :func:`summarize`'s rows.
 HEADER = [
     "| variant | µs/request | added µs over bare [95 % CI] | added CPU µs |"
-    " added ÷ pre_ping's added | failed requests |",
-    "| --- | --- | --- | --- | --- | --- |",
+    " added ÷ pre_ping's added | added µs over listeners | failed requests |",
+    "| --- | --- | --- | --- | --- | --- | --- |",
 ]

@@ -5,12 +5,19 @@ apples to apples; only the connection-pool protection differs:
 
 ``bare``
     Flask-SQLAlchemy as it comes (its MySQL default ``pool_recycle=7200``).
+``listeners``
+    ``bare`` plus an empty ``checkout`` and ``checkin`` listener: what SQLAlchemy
+    charges any extension that listens to the pool, the floor under ``recycle``
+    and ``guard``.
 ``pre_ping``
     ``SQLALCHEMY_ENGINE_OPTIONS = {"pool_pre_ping": True}``: a round trip per checkout.
 ``recycle``
     StaleGuard, ``STALEGUARD_STRATEGY="recycle"``: the derived ``pool_recycle`` only.
 ``guard``
     StaleGuard's default strategy: idle budget and socket poll at checkout.
+``busy``
+    ``guard`` while another holder keeps a connection checked out all along, as
+    concurrent requests do: each request's teardown then sees a busy pool.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from sqlalchemy import event
 from flask_staleguard import StaleGuard
 
 #: The variants, in report order.
-ALL = ("bare", "pre_ping", "recycle", "guard")
+ALL = ("bare", "listeners", "pre_ping", "recycle", "guard", "busy")
 
 SELECT_1 = sa.text("SELECT 1")
 _names = itertools.count()
@@ -45,6 +52,8 @@ class BenchApp:
     guard: StaleGuard | None = None
     connects: int = 0
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    #: A connection checked out outside the requests (``busy``), or ``None``.
+    held: sa.engine.Connection | None = None
 
     @property
     def engine(self) -> sa.engine.Engine:
@@ -65,6 +74,8 @@ class BenchApp:
 
     def dispose(self) -> None:
         """Close the pool's connections."""
+        if self.held is not None:
+            self.held.close()
         self.engine.dispose()
 
 
@@ -77,8 +88,9 @@ def build(variant: str, url: str) -> BenchApp:
     if variant == "pre_ping":
         app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {"pool_pre_ping": True}
     guard = None
-    if variant != "bare" and variant != "pre_ping":
-        app.config["STALEGUARD_STRATEGY"] = variant
+    if variant in ("recycle", "guard", "busy"):
+        strategy = "recycle" if variant == "recycle" else "guard"
+        app.config["STALEGUARD_STRATEGY"] = strategy
         guard = StaleGuard(app)
     db = SQLAlchemy()
     db.init_app(app)
@@ -91,7 +103,20 @@ def build(variant: str, url: str) -> BenchApp:
             bench_app.connects += 1
 
     event.listen(bench_app.engine, "connect", count_connect)
+    if variant == "busy":
+        bench_app.held = bench_app.engine.connect()
+    if variant == "listeners":
+        event.listen(bench_app.engine, "checkout", _checked_out)
+        event.listen(bench_app.engine, "checkin", _checked_in)
     return bench_app
+
+
+def _checked_out(dbapi_connection: t.Any, record: t.Any, proxy: t.Any) -> None:
+    """The ``listeners`` variant's ``checkout`` listener: it does nothing."""
+
+
+def _checked_in(dbapi_connection: t.Any, record: t.Any) -> None:
+    """The ``listeners`` variant's ``checkin`` listener: it does nothing."""
 
 
 def build_all(variants: t.Iterable[str], url: str) -> dict[str, BenchApp]:
