@@ -117,6 +117,11 @@ class Holders:
     def _on_detach(self, dbapi_connection: t.Any, record: t.Any) -> None:
         self.release(record)
 
+    def holds(self, owner: t.Any) -> bool:
+        """Whether ``owner`` has a connection of this pool checked out."""
+        # Copied in one step: other threads check out and in meanwhile.
+        return any(c[0] is owner for c in tuple(self.checked_out.values()))
+
     def leaks_of(self, owner: t.Any) -> list[tuple[t.Any, Checkout]]:
         """Connections checked out by ``owner`` and still out."""
         return [

@@ -46,12 +46,7 @@ class GuardState:
         Under load other requests always hold some: only the ending context's
         own make its clean-up worth running.
         """
-        for checked_out in self.held:
-            # Copied in one step: other threads check out and in meanwhile.
-            for holder in tuple(checked_out.values()):
-                if holder[0] is ctx:
-                    return True
-        return False
+        return any(bind.holders.holds(ctx) for bind in self.binds.values())
 
 
 def get_state(app: Flask | None = None, *, method: str = "this") -> GuardState:
