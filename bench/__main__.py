@@ -36,9 +36,6 @@ SCENARIOS = ("pool", "latency", "reconnects", "statements", "keepalive")
 #: Run only when asked for.
 EXTRA_SCENARIOS = ("instructions",)
 VARIANTS = ["bare", "pre_ping", "recycle", "guard"]
-#: The cost scenarios add the floor (bare with two empty pool listeners) and the
-#: guard with a busy pool.
-COST_VARIANTS = ["bare", "listeners", "pre_ping", "recycle", "guard", "busy"]
 
 #: Per mode: how long each scenario may run. ``full`` takes about 6 minutes,
 #: ``quick`` under 2.
@@ -166,11 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{mode} run of {args.scenario_list} against {url} (MariaDB {mariadb})")
         if "pool" in args.scenario_list:
             from . import pool_cost
+            from .variants import ALL
             from .variants import build_all
 
             log("scenario pool: per-request cost on loopback")
             p = plan["pool"]
-            apps = build_all(COST_VARIANTS, url)
+            apps = build_all(ALL, url)
             raw = pool_cost.measure(
                 apps,
                 rounds=p["rounds"],
@@ -218,10 +216,11 @@ def main(argv: list[str] | None = None) -> int:
             benchmarks += found
         if "instructions" in args.scenario_list:
             from . import instructions
+            from .variants import ALL
 
             log("scenario instructions: per request, counted by valgrind")
             found_lines, found = instructions.run(
-                url, variants=COST_VARIANTS, log=log, **plan["instructions"]
+                url, variants=ALL, log=log, **plan["instructions"]
             )
             lines += found_lines
             benchmarks += found

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import REPO
 from . import report
-from .pool_cost import FLOOR
+from .variants import FLOOR
 
 _WARMUP = 300
 

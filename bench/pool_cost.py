@@ -20,6 +20,7 @@ import typing as t
 
 from . import report
 from .variants import BenchApp
+from .variants import FLOOR
 
 #: How many error messages to keep per variant.
 _KEEP_ERRORS = 5
@@ -183,9 +184,6 @@ def summarize(
         )
     return rows, benchmarks
 
-
-#: The variant whose cost every pool listener pays: bare with two empty ones.
-FLOOR = "listeners"
 
 #: The header of :func:`summarize`'s rows.
 HEADER = [

@@ -37,6 +37,9 @@ from flask_staleguard import StaleGuard
 #: The variants, in report order.
 ALL = ("bare", "listeners", "pre_ping", "recycle", "guard", "busy")
 
+#: The variant whose cost every pool listener pays: bare with two empty ones.
+FLOOR = "listeners"
+
 SELECT_1 = sa.text("SELECT 1")
 _names = itertools.count()
 
