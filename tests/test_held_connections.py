@@ -23,6 +23,7 @@ from flask import stream_with_context
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_staleguard import ConnectionReclaimed
+from flask_staleguard.core.holders import held_by
 from tests.helpers import AppFactory
 from tests.helpers import stats
 from tests.servers import MariaDBServer
@@ -281,3 +282,22 @@ def test_warn_policy_leaves_the_connection_with_its_holder(
     assert conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one() == held
     conn.close()
     assert stats(app)["leaks_reclaimed"] == 0
+
+
+def test_a_context_holds_what_it_checked_out_itself() -> None:
+    """The teardown's test compares owners by identity: another context equal to
+    the ending one (a subclass's ``__eq__``) does not make its clean-up run.
+    """
+
+    class Context:
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        __hash__ = object.__hash__
+
+    ending = Context()
+    checked_out = {"a": (None, (), 0.0, None), "b": (Context(), (), 0.0, None)}
+    assert not held_by(checked_out, ending)
+    checked_out["c"] = (ending, (), 1.0, None)
+    assert held_by(checked_out, ending)
+    assert not held_by({}, ending)

@@ -110,7 +110,10 @@ class CheckoutChecks:
         self._stats = stats
         self._replace = replace
         self._learn = learn
+        self._holders = holders
         self._hold = holders.hold
+        self._owner = holders.owner
+        self._request = holders.request
         self._held = holders.checked_out
         self._reported = holders.reported
         self._returned_late = holders.returned_late
@@ -257,7 +260,16 @@ class CheckoutChecks:
                     if socket_probe is not None and socket_probe.poll(0):
                         self._judge(socket_probe.peek(), dbapi_connection, state, proxy)
         # Only a connection the checks let through is held.
-        self._hold(record, now)
+        if self._holders.plain:  # Holders.hold, inline
+            owner = self._owner()
+            self._held[record] = (
+                owner,
+                (),
+                now,
+                None if owner is None else self._request(),
+            )
+        else:
+            self._hold(record, now)
 
     def _on_checkin(self, dbapi_connection: t.Any, record: t.Any) -> None:
         # Holders.release, inline.

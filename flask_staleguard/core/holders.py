@@ -7,7 +7,9 @@ the ``owner`` and ``request`` callables; outside any, a connection is held by
 
 from __future__ import annotations
 
+import itertools
 import logging
+import operator
 import time
 import typing as t
 
@@ -41,6 +43,22 @@ def _nobody() -> None:
     return None
 
 
+_owner_of = operator.itemgetter(0)
+_is = operator.is_
+_repeat = itertools.repeat
+
+
+def held_by(checked_out: dict[t.Any, tuple[t.Any, ...]], owner: t.Any) -> bool:
+    """Whether ``owner`` holds one of ``checked_out``'s connections.
+
+    A teardown asks while other requests hold connections, so it runs in C: no
+    frame per connection.
+    """
+    # Copied in one step: other threads check out and in meanwhile.
+    owners = map(_owner_of, tuple(checked_out.values()))
+    return any(map(_is, owners, _repeat(owner)))
+
+
 class Holders:
     """The connections of one pool checked out now, and what to do with leaks."""
 
@@ -62,11 +80,14 @@ class Holders:
         #: fields of a :class:`Checkout`, as a plain tuple (cheaper to build).
         #: ``hold()`` adds to it; the checkin listener removes from it.
         self.checked_out: dict[t.Any, tuple[t.Any, Site, float, t.Any]] = {}
-        #: Whether checkouts by an owner record their site: from the pool's first
-        #: leak on, or from the start (``record_sites``, for test suites).
-        self.sites = record_sites
-        self._owner = owner or _nobody
-        self._request = request or _nobody
+        self._sites = record_sites
+        #: Who holds a connection checked out now, or ``None``.
+        self.owner = owner or _nobody
+        #: The request a connection is checked out in, or ``None``.
+        self.request = request or _nobody
+        #: Whether :meth:`hold` only notes the owner, the request and the time,
+        #: as it does until the pool's first leak: a checkout then inlines it.
+        self.plain = not record_sites and threshold is None
         self._describe = describe or repr
         self._clock = clock
         self._held_scan = 0.0
@@ -82,18 +103,33 @@ class Holders:
         """
         event.listen(engine, "detach", self._on_detach)
 
+    @property
+    def sites(self) -> bool:
+        """Whether checkouts by an owner record their site: from the pool's first
+        leak on, or from the start (``record_sites``, for test suites).
+        """
+        return self._sites
+
+    @sites.setter
+    def sites(self, value: bool) -> None:
+        self._sites = value
+        self.plain = not value and self.threshold is None
+
     def hold(self, record: t.Any, now: float) -> None:
-        """Note who checked out ``record``'s connection at ``now``."""
-        owner = self._owner()
+        """Note who checked out ``record``'s connection at ``now``.
+
+        The checkout listener inlines the :attr:`plain` case.
+        """
+        owner = self.owner()
         if owner is not None:
             # The stack walk is most of a checkout's cost, so it waits for the
             # pool's first leak; that one is reported by its request instead.
-            sites = self.sites
+            sites = self._sites
             self.checked_out[record] = (
                 owner,
                 checkout_site() if sites else (),
                 now,
-                None if sites else self._request(),
+                None if sites else self.request(),
             )
         else:
             self.checked_out[record] = (
@@ -119,8 +155,7 @@ class Holders:
 
     def holds(self, owner: t.Any) -> bool:
         """Whether ``owner`` has a connection of this pool checked out."""
-        # Copied in one step: other threads check out and in meanwhile.
-        return any(c[0] is owner for c in tuple(self.checked_out.values()))
+        return held_by(self.checked_out, owner)
 
     def leaks_of(self, owner: t.Any) -> list[tuple[t.Any, Checkout]]:
         """Connections checked out by ``owner`` and still out."""

@@ -11,6 +11,7 @@ from flask import Flask
 from flask import has_app_context
 
 from ..core.guard import PoolGuard
+from ..core.holders import held_by
 from .config import BindKey
 from .config import Settings
 
@@ -46,7 +47,10 @@ class GuardState:
         Under load other requests always hold some: only the ending context's
         own make its clean-up worth running.
         """
-        return any(bind.holders.holds(ctx) for bind in self.binds.values())
+        for checked_out in self.held:
+            if held_by(checked_out, ctx):
+                return True
+        return False
 
 
 def get_state(app: Flask | None = None, *, method: str = "this") -> GuardState:

@@ -46,6 +46,10 @@ def install(app: Flask, state: GuardState) -> None:
         )
 
 
+#: Stands for "no ``exc`` given": Flask's own default (``sys.exc_info()``) applies.
+_FLASKS_DEFAULT = object()
+
+
 def _wrap_teardowns(app: Flask, state: GuardState) -> None:
     """Wrap ``app.do_teardown_appcontext``: a raising teardown skips the rest."""
     original = app.do_teardown_appcontext
@@ -53,9 +57,12 @@ def _wrap_teardowns(app: Flask, state: GuardState) -> None:
     held = state.held
 
     @functools.wraps(original)
-    def do_teardown_appcontext(*args: t.Any, **kwargs: t.Any) -> None:
+    def do_teardown_appcontext(exc: t.Any = _FLASKS_DEFAULT) -> None:
         try:
-            original(*args, **kwargs)
+            if exc is _FLASKS_DEFAULT:
+                original()
+            else:
+                original(exc)
         except BaseException as e:
             try:
                 clean_up(app, state, current_context(), failure=e)
@@ -63,7 +70,8 @@ def _wrap_teardowns(app: Flask, state: GuardState) -> None:
                 pass  # the teardown's own error is the one to see; leaks were logged
             raise
         # Inline, as it runs after every request: usually there is nothing to do.
-        if sessions or any(map(bool, held)):
+        # (any() of the dicts: whether any bind has a connection checked out.)
+        if sessions or any(held):
             ctx = current_context()
             if sessions or state.holds(ctx):
                 clean_up(app, state, ctx)
@@ -77,7 +85,7 @@ def _teardown(app: Flask, state: GuardState, exc: BaseException | None) -> None:
     db = flask_sqlalchemy(app)
     if state.guard.sessions or (db is not None and sessions_open(db.session)):
         clean_up(app, state, current_context())
-    elif any(map(bool, state.held)):
+    elif any(state.held):
         ctx = current_context()
         if state.holds(ctx):
             clean_up(app, state, ctx)
