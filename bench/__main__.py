@@ -2,7 +2,8 @@
 
 Scenarios (``--scenarios``, comma-separated; default all):
 
-``pool``        added µs per request-shaped checkout on loopback, over bare
+``pool``        added µs per request-shaped checkout on loopback, over bare,
+                without a round trip and with a ``SELECT 1``
 ``latency``     the same through a delaying TCP proxy
 ``reconnects``  reconnects and stale errors per traffic pattern
 ``statements``  what the guard costs a statement (nothing, by design)
@@ -163,33 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{mode} run of {args.scenario_list} against {url} (MariaDB {mariadb})")
         if "pool" in args.scenario_list:
             from . import pool_cost
-            from .variants import ALL
-            from .variants import build_all
 
-            log("scenario pool: per-request cost on loopback")
-            p = plan["pool"]
-            apps = build_all(ALL, url)
-            raw = pool_cost.measure(
-                apps,
-                rounds=p["rounds"],
-                requests=p["requests"],
-                time_limit=p["time_limit"],
-                progress=log,
-            )
-            for bench_app in apps.values():
-                bench_app.dispose()
-            rows, found = pool_cost.summarize(raw, prefix="pool")
-            lines += [
-                "## Pool: added cost per request-shaped checkout, loopback",
-                "",
-                f"{raw['rounds_done']} rounds × {p['requests']} requests per variant"
-                " (app context + checkout + `SELECT 1` + checkin), micro-blocks of"
-                f" {raw['config']['block']} in shuffled order.",
-                "",
-                *pool_cost.HEADER,
-                *rows,
-                "",
-            ]
+            log("scenario pool: per request-shaped checkout on loopback")
+            found_lines, found = pool_cost.run(url, log=log, **plan["pool"])
+            lines += found_lines
             benchmarks += found
         if "latency" in args.scenario_list:
             from . import latency

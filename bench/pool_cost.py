@@ -1,14 +1,17 @@
 """Scenario ``pool``: the added cost per request-shaped checkout, variants interleaved.
 
-One request is ``app context + checkout + SELECT 1 + checkin``
-(:meth:`BenchApp.request`). A round runs ``requests`` requests of every variant
-in micro-blocks of ``block`` requests, the variant order shuffled for every
-micro-block, so all variants of a round see the same state of the shared machine.
-Per round and variant the per-request time is the block time summed over the
-round divided by the requests (also kept: the round's 10 %-trimmed mean request,
-which the latency scenario uses); the figure reported is the median over rounds
-of the per-round difference from ``bare`` (wall clock, and this thread's CPU
-time), with an order-statistics 95 % interval of that median.
+Two units, in a table each: ``checkout`` (:meth:`BenchApp.checkout`: app
+context + the session's connection + checkin, with no round trip to the server,
+so only the variants' own work differs) and ``request`` (:meth:`BenchApp.request`:
+the same with a ``SELECT 1``, whose round trips jitter by more than the guard
+costs). A round runs ``requests`` units of every variant in micro-blocks of
+``block``, the variant order shuffled for every micro-block, so all variants of a
+round see the same state of the shared machine. Per round and variant the time
+per unit is the block time summed over the round divided by the units (also kept:
+the round's 10 %-trimmed mean unit, which the latency scenario uses); the figure
+reported is the median over rounds of the per-round difference from ``bare``
+(wall clock, and this thread's CPU time), with an order-statistics 95 % interval
+of that median.
 """
 
 from __future__ import annotations
@@ -18,9 +21,14 @@ import random
 import time
 import typing as t
 
+import sqlalchemy as sa
+
 from . import report
+from .variants import ALL
 from .variants import BenchApp
+from .variants import build_all
 from .variants import FLOOR
+from .variants import NO_ROUND_TRIP
 
 #: How many error messages to keep per variant.
 _KEEP_ERRORS = 5
@@ -38,14 +46,18 @@ def _trimmed_mean(values: t.Sequence[int], cut: float = 0.1) -> float:
 
 
 def _block(
-    bench_app: BenchApp, n: int, errors: list[str], times: list[int] | None = None
+    bench_app: BenchApp,
+    n: int,
+    errors: list[str],
+    times: list[int] | None = None,
+    unit: str = "request",
 ) -> int:
-    """Run ``n`` requests; return how many failed (their messages go to ``errors``).
+    """Run ``n`` units; return how many failed (their messages go to ``errors``).
 
-    With ``times``, each request's wall time in ns is appended to it.
+    With ``times``, each unit's wall time in ns is appended to it.
     """
     failed = 0
-    request = bench_app.request
+    request = getattr(bench_app, unit)
     clock = time.perf_counter_ns
     for _ in range(n):
         t0 = clock()
@@ -70,9 +82,11 @@ def measure(
     time_limit: float = 120.0,
     min_rounds: int = 5,
     seed: int = 0,
+    unit: str = "request",
     progress: t.Callable[[str], None] | None = None,
 ) -> dict[str, t.Any]:
-    """Run the interleaved rounds; return raw per-round figures for every variant.
+    """Run the interleaved rounds of ``unit`` (``"request"`` or ``"checkout"``);
+    return raw per-round figures for every variant.
 
     Stops early, after at least ``min_rounds`` rounds, once ``time_limit`` seconds
     have passed, so a slow machine or network cannot run away with the clock.
@@ -87,6 +101,7 @@ def measure(
             "warmup": warmup,
             "time_limit_s": time_limit,
             "seed": seed,
+            "unit": unit,
         },
         "wall_us": {v: [] for v in names},
         "trim_us": {v: [] for v in names},
@@ -95,7 +110,9 @@ def measure(
         "error_messages": {v: [] for v in names},
     }
     for name in names:  # fill the pools, compile the statement, warm the caches
-        raw["errors"][name] += _block(apps[name], warmup, raw["error_messages"][name])
+        raw["errors"][name] += _block(
+            apps[name], warmup, raw["error_messages"][name], unit=unit
+        )
     blocks = max(1, requests // block)
     started = time.monotonic()
     wall = time.perf_counter_ns
@@ -113,7 +130,7 @@ def measure(
             for name in order:
                 w0, c0 = wall(), cpu()
                 failed = _block(
-                    apps[name], block, raw["error_messages"][name], times[name]
+                    apps[name], block, raw["error_messages"][name], times[name], unit
                 )
                 cpu_ns[name] += cpu() - c0
                 wall_ns[name] += wall() - w0
@@ -127,7 +144,7 @@ def measure(
             progress(
                 f"round {r + 1}/{rounds}: "
                 + ", ".join(f"{v} {raw['wall_us'][v][-1]:.0f}" for v in names)
-                + " µs/request"
+                + f" µs/{unit}"
             )
     raw["rounds_done"] = len(raw["wall_us"][names[0]])
     raw["elapsed_s"] = round(time.monotonic() - started, 2)
@@ -187,7 +204,73 @@ def summarize(
 
 #: The header of :func:`summarize`'s rows.
 HEADER = [
-    "| variant | µs/request | added µs over bare [95 % CI] | added CPU µs |"
-    " added ÷ pre_ping's added | added µs over listeners | failed requests |",
+    "| variant | µs per unit | added µs over bare [95 % CI] | added CPU µs |"
+    " added ÷ pre_ping's added | added µs over listeners | failed units |",
     "| --- | --- | --- | --- | --- | --- | --- |",
 ]
+
+
+#: Per unit: the table's title and what one unit is.
+UNITS = {
+    "checkout": (
+        "Pool: added cost per request-shaped checkout, loopback, no round trip",
+        "app context + the session's connection + checkin at teardown, engines"
+        ' with `isolation_level="AUTOCOMMIT", skip_autocommit_rollback=True`:'
+        " no round trip to the server, so nothing but the variants' own work"
+        " differs (pre_ping's ping is its own work)",
+    ),
+    "request": (
+        "Pool: added cost per request, loopback",
+        "app context + checkout + `SELECT 1` + checkin",
+    ),
+}
+
+
+def run(
+    url: str,
+    *,
+    rounds: int,
+    requests: int,
+    time_limit: float,
+    log: t.Callable[[str], None],
+) -> tuple[list[str], list[t.Any]]:
+    """Both units, every variant; the Markdown lines and the pyperf benchmarks.
+
+    The ``checkout`` unit needs SQLAlchemy 2.1 (``skip_autocommit_rollback``).
+    """
+    lines: list[str] = []
+    benchmarks: list[t.Any] = []
+    for unit, (title, what) in UNITS.items():
+        if unit == "checkout" and _version(sa.__version__) < (2, 1):
+            log(f"pool: the checkout unit needs SQLAlchemy 2.1, not {sa.__version__}")
+            continue
+        apps = build_all(ALL, url, NO_ROUND_TRIP if unit == "checkout" else None)
+        try:
+            raw = measure(
+                apps,
+                rounds=rounds,
+                requests=requests,
+                time_limit=time_limit,
+                unit=unit,
+                progress=log,
+            )
+        finally:
+            for bench_app in apps.values():
+                bench_app.dispose()
+        rows, found = summarize(raw, prefix=f"pool-{unit}")
+        lines += [
+            f"## {title}",
+            "",
+            f"{raw['rounds_done']} rounds × {requests} units per variant ({what}),"
+            f" micro-blocks of {raw['config']['block']} in shuffled order.",
+            "",
+            *HEADER,
+            *rows,
+            "",
+        ]
+        benchmarks += found
+    return lines, benchmarks
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
