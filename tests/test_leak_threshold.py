@@ -114,7 +114,8 @@ def clocked(
     engines: list[sa.engine.Engine] = []
 
     def build(
-        threshold: float | None, owner: t.Callable[[], t.Any] | None = None
+        threshold: float | None,
+        holder: t.Callable[[], tuple[t.Any, t.Any]] | None = None,
     ) -> tuple[sa.engine.Engine, FakeClock]:
         engine = sa.create_engine(mariadb.url, **POOL)
         engines.append(engine)
@@ -127,7 +128,7 @@ def clocked(
             "mysql",
             options,
             28800,
-            owner=owner,
+            holder=holder,
             clock=clock,
         )
         guard.attach(engine)  # its listeners keep it alive with the engine
@@ -164,7 +165,7 @@ def test_connection_held_inside_an_app_context_is_not_reported(
 ) -> None:
     # A long request is teardown's business, not the threshold's: every checkout
     # here has an owner, as one inside an app context has.
-    engine, clock = clocked(0.5, owner=lambda: "a context")
+    engine, clock = clocked(0.5, holder=lambda: ("a context", None))
     with engine.connect() as held:
         held.execute(sa.text("SELECT 1"))
         use(engine)

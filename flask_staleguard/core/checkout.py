@@ -112,8 +112,7 @@ class CheckoutChecks:
         self._learn = learn
         self._holders = holders
         self._hold = holders.hold
-        self._owner = holders.owner
-        self._request = holders.request
+        self._holder = holders.holder
         self._held = holders.checked_out
         self._reported = holders.reported
         self._returned_late = holders.returned_late
@@ -261,13 +260,8 @@ class CheckoutChecks:
                         self._judge(socket_probe.peek(), dbapi_connection, state, proxy)
         # Only a connection the checks let through is held.
         if self._holders.plain:  # Holders.hold, inline
-            owner = self._owner()
-            self._held[record] = (
-                owner,
-                (),
-                now,
-                None if owner is None else self._request(),
-            )
+            owner, request = self._holder()
+            self._held[record] = (owner, (), now, request)
         else:
             self._hold(record, now)
 

@@ -26,6 +26,7 @@ from .budget import IdleBudget
 from .checkout import CheckoutChecks
 from .derive import derive_engine_options
 from .disconnects import DisconnectReports
+from .holders import Holder
 from .holders import Holders
 from .keepalive import keepalive_for
 from .options import GuardOptions
@@ -41,9 +42,9 @@ class PoolGuard:
 
     :param key: What the integration calls the pool (Flask: the bind key).
     :param name: Its name in logs and output.
-    :param owner: Returns who checks a connection out now (Flask: the app
-        context), or ``None``; leaks are judged per owner.
-    :param request: Returns the request being served, or ``None``.
+    :param holder: Returns who checks a connection out now: its owner (Flask:
+        the app context; leaks are judged per owner) and the request being
+        served, each ``None`` when there is none.
     :param describe: Words for a request, in leak reports.
     :param clock: Seconds on a monotonic clock: ``time.monotonic``, or a fake
         one in tests of the timing logic.
@@ -59,8 +60,7 @@ class PoolGuard:
         server_timeout: float | None,
         *,
         provisional: bool = False,
-        owner: t.Callable[[], t.Any] | None = None,
-        request: t.Callable[[], t.Any] | None = None,
+        holder: t.Callable[[], Holder] | None = None,
         describe: t.Callable[[t.Any], str] | None = None,
         clock: t.Callable[[], float] = time.monotonic,
     ) -> None:
@@ -89,8 +89,7 @@ class PoolGuard:
             name,
             threshold=options.leak_threshold,
             record_sites=options.leaks == "raise",
-            owner=owner,
-            request=request,
+            holder=holder,
             describe=describe,
             clock=clock,
         )

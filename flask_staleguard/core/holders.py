@@ -1,8 +1,9 @@
 """Who holds each checked-out connection, since when and where: leak tracking.
 
-The integration says who the current holder is (Flask: the app context) through
-the ``owner`` and ``request`` callables; outside any, a connection is held by
-"nobody", and :attr:`Holders.threshold` reports it once it has been out too long.
+The integration says who the current holder is (Flask: the app context, and the
+request it serves) through the ``holder`` callable; outside any, a connection is
+held by "nobody", and :attr:`Holders.threshold` reports it once it has been out
+too long.
 """
 
 from __future__ import annotations
@@ -39,8 +40,15 @@ class Checkout(t.NamedTuple):
     request: t.Any
 
 
-def _nobody() -> None:
-    return None
+#: Who holds a connection: its owner (Flask: the app context) and the request
+#: being served, each ``None`` when there is none.
+Holder = tuple[t.Any, t.Any]
+
+_NOBODY: Holder = (None, None)
+
+
+def _nobody() -> Holder:
+    return _NOBODY
 
 
 _owner_of = operator.itemgetter(0)
@@ -68,8 +76,7 @@ class Holders:
         *,
         threshold: float | None = None,
         record_sites: bool = False,
-        owner: t.Callable[[], t.Any] | None = None,
-        request: t.Callable[[], t.Any] | None = None,
+        holder: t.Callable[[], Holder] | None = None,
         describe: t.Callable[[t.Any], str] | None = None,
         clock: t.Callable[[], float] = time.monotonic,
     ) -> None:
@@ -81,10 +88,9 @@ class Holders:
         #: ``hold()`` adds to it; the checkin listener removes from it.
         self.checked_out: dict[t.Any, tuple[t.Any, Site, float, t.Any]] = {}
         self._sites = record_sites
-        #: Who holds a connection checked out now, or ``None``.
-        self.owner = owner or _nobody
-        #: The request a connection is checked out in, or ``None``.
-        self.request = request or _nobody
+        #: Who would hold a connection checked out now: one call, as it runs
+        #: for every checkout.
+        self.holder = holder or _nobody
         #: Whether :meth:`hold` only notes the owner, the request and the time,
         #: as it does until the pool's first leak: a checkout then inlines it.
         self.plain = not record_sites and threshold is None
@@ -120,7 +126,7 @@ class Holders:
 
         The checkout listener inlines the :attr:`plain` case.
         """
-        owner = self.owner()
+        owner, request = self.holder()
         if owner is not None:
             # The stack walk is most of a checkout's cost, so it waits for the
             # pool's first leak; that one is reported by its request instead.
@@ -129,7 +135,7 @@ class Holders:
                 owner,
                 checkout_site() if sites else (),
                 now,
-                None if sites else self.request(),
+                None if sites else request,
             )
         else:
             self.checked_out[record] = (

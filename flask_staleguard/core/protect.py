@@ -21,6 +21,7 @@ from .derive import derive_engine_options
 from .discovery import fallback_timeout
 from .discovery import flavor
 from .guard import PoolGuard
+from .holders import Holder
 from .options import choice
 from .options import GuardOptions
 from .options import seconds
@@ -117,13 +118,12 @@ def guard_engine(
     options: GuardOptions,
     *,
     key: t.Any = None,
-    owner: t.Callable[[], t.Any] | None = None,
-    request: t.Callable[[], t.Any] | None = None,
+    holder: t.Callable[[], Holder] | None = None,
     describe: t.Callable[[t.Any], str] | None = None,
 ) -> PoolGuard:
     """A guard on an engine that exists already, attached to its pool.
 
-    ``owner``, ``request`` and ``describe`` are :class:`PoolGuard`'s. Derived pool
+    ``holder`` and ``describe`` are :class:`PoolGuard`'s. Derived pool
     options apply only where the pool still has SQLAlchemy's default.
     """
     url = engine.url
@@ -142,8 +142,7 @@ def guard_engine(
         options,
         server_timeout,
         provisional=provisional,
-        owner=owner,
-        request=request,
+        holder=holder,
         describe=describe,
     )
     pool = engine.pool

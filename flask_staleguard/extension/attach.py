@@ -33,8 +33,7 @@ from ..errors import NoAnswer
 from . import binds
 from .config import bind_name
 from .config import BindKey
-from .contexts import current_context
-from .contexts import current_request
+from .contexts import current_holder
 from .contexts import describe_request
 from .state import current_app_is
 from .state import GuardState
@@ -95,8 +94,7 @@ def new_bind_guard(
         guard_options,
         timeout,
         provisional=provisional,
-        owner=current_context,
-        request=current_request,
+        holder=current_holder,
         describe=describe_request,
     )
 
@@ -116,8 +114,7 @@ def add_engine(
         name,
         state.settings.options_for(name),
         key=name,
-        owner=current_context,
-        request=current_request,
+        holder=current_holder,
         describe=describe_request,
     )
     state.engines[name] = engine

@@ -29,6 +29,9 @@ def flask_version() -> tuple[int, ...]:
 TEARDOWNS_STOP_AT_FIRST_ERROR = flask_version() < (3, 2)
 
 
+_NOBODY = (None, None)
+
+
 def current_context() -> t.Any:
     """The current app context, or ``None`` outside of one."""
     try:
@@ -37,11 +40,17 @@ def current_context() -> t.Any:
         return None
 
 
-def current_request() -> t.Any:
-    """The current request, or ``None`` outside of one."""
+def current_holder() -> tuple[t.Any, t.Any]:
+    """The current app context and the request it serves, each ``None`` when
+    there is none: who holds a connection checked out now.
+    """
+    try:
+        ctx = _app_context()
+    except RuntimeError:
+        return _NOBODY
     # Asked first: an app context without a request (a job, a command) is
     # common, and the proxy's error would cost each checkout there 0.7 µs.
-    return _request() if has_request_context() else None
+    return ctx, (_request() if has_request_context() else None)
 
 
 def describe_request(request: t.Any) -> str:
