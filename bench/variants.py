@@ -18,13 +18,21 @@ apples to apples; only the connection-pool protection differs:
 ``busy``
     ``guard`` while another holder keeps a connection checked out all along, as
     concurrent requests do: each request's teardown then sees a busy pool.
+``minimal``
+    ``bare`` plus the least a guard can do per checkout with SQLAlchemy's pool
+    events and Flask's public API: the idle-time check, one ``poll()``, the app
+    context and request that took the connection (the guard's own lookup), and
+    a dict of the connections out. No counters, fork check, leak reports or
+    teardown: the floor under ``guard``, not a guard.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import select
 import threading
+import time
 import typing as t
 
 import sqlalchemy as sa
@@ -33,9 +41,11 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import event
 
 from flask_staleguard import StaleGuard
+from flask_staleguard.core.probe import socket_fd
+from flask_staleguard.extension.contexts import current_holder
 
 #: The variants, in report order.
-ALL = ("bare", "listeners", "pre_ping", "recycle", "guard", "busy")
+ALL = ("bare", "listeners", "minimal", "pre_ping", "recycle", "guard", "busy")
 
 #: The variant whose cost every pool listener pays: bare with two empty ones.
 FLOOR = "listeners"
@@ -131,6 +141,8 @@ def build(
     if variant == "listeners":
         event.listen(bench_app.engine, "checkout", _checked_out)
         event.listen(bench_app.engine, "checkin", _checked_in)
+    if variant == "minimal":
+        _listen_minimally(bench_app.engine)
     return bench_app
 
 
@@ -140,6 +152,46 @@ def _checked_out(dbapi_connection: t.Any, record: t.Any, proxy: t.Any) -> None:
 
 def _checked_in(dbapi_connection: t.Any, record: t.Any) -> None:
     """The ``listeners`` variant's ``checkin`` listener: it does nothing."""
+
+
+class _Idling:
+    """The ``minimal`` variant's state of one connection."""
+
+    __slots__ = ("returned", "poll")
+
+    def __init__(self, poll: t.Callable[[int], list[t.Any]]) -> None:
+        self.returned: float | None = None
+        self.poll = poll
+
+
+def _listen_minimally(engine: sa.engine.Engine) -> None:
+    """The ``minimal`` variant's listeners: what any guard's checkout must do."""
+    held: dict[t.Any, tuple[t.Any, float]] = {}
+    clock = time.monotonic
+    budget = 3600.0
+
+    def connected(dbapi_connection: t.Any, record: t.Any) -> None:
+        poller = select.poll()
+        poller.register(t.cast(int, socket_fd(dbapi_connection)), select.POLLIN)
+        record.info["minimal"] = _Idling(poller.poll)
+
+    def checked_out(dbapi_connection: t.Any, record: t.Any, proxy: t.Any) -> None:
+        now = clock()
+        state = record.info.get("minimal")
+        if state is not None and state.returned is not None:
+            if now - state.returned > budget or state.poll(0):
+                raise sa.exc.DisconnectionError("stale")
+        held[record] = (current_holder(), now)
+
+    def checked_in(dbapi_connection: t.Any, record: t.Any) -> None:
+        held.pop(record, None)
+        state = record.info.get("minimal")
+        if state is not None:
+            state.returned = clock()
+
+    event.listen(engine, "connect", connected)
+    event.listen(engine, "checkout", checked_out)
+    event.listen(engine, "checkin", checked_in)
 
 
 def build_all(
