@@ -26,7 +26,6 @@ from .budget import IdleBudget
 from .checkout import CheckoutChecks
 from .derive import derive_engine_options
 from .disconnects import DisconnectReports
-from .holders import Holder
 from .holders import Holders
 from .keepalive import keepalive_for
 from .options import GuardOptions
@@ -60,7 +59,7 @@ class PoolGuard:
         server_timeout: float | None,
         *,
         provisional: bool = False,
-        holder: t.Callable[[], Holder] | None = None,
+        holder: t.Callable[[], tuple[t.Any, t.Any]] | None = None,
         describe: t.Callable[[t.Any], str] | None = None,
         clock: t.Callable[[], float] = time.monotonic,
     ) -> None:

@@ -40,14 +40,11 @@ class Checkout(t.NamedTuple):
     request: t.Any
 
 
-#: Who holds a connection: its owner (Flask: the app context) and the request
-#: being served, each ``None`` when there is none.
-Holder = tuple[t.Any, t.Any]
-
-_NOBODY: Holder = (None, None)
+#: Who holds a connection outside any context: no owner, no request.
+_NOBODY = (None, None)
 
 
-def _nobody() -> Holder:
+def _nobody() -> tuple[t.Any, t.Any]:
     return _NOBODY
 
 
@@ -76,7 +73,7 @@ class Holders:
         *,
         threshold: float | None = None,
         record_sites: bool = False,
-        holder: t.Callable[[], Holder] | None = None,
+        holder: t.Callable[[], tuple[t.Any, t.Any]] | None = None,
         describe: t.Callable[[t.Any], str] | None = None,
         clock: t.Callable[[], float] = time.monotonic,
     ) -> None:

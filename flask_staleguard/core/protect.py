@@ -21,7 +21,6 @@ from .derive import derive_engine_options
 from .discovery import fallback_timeout
 from .discovery import flavor
 from .guard import PoolGuard
-from .holders import Holder
 from .options import choice
 from .options import GuardOptions
 from .options import seconds
@@ -118,7 +117,7 @@ def guard_engine(
     options: GuardOptions,
     *,
     key: t.Any = None,
-    holder: t.Callable[[], Holder] | None = None,
+    holder: t.Callable[[], tuple[t.Any, t.Any]] | None = None,
     describe: t.Callable[[t.Any], str] | None = None,
 ) -> PoolGuard:
     """A guard on an engine that exists already, attached to its pool.
