@@ -30,8 +30,11 @@ def fork_app(url: str, log: Path, **env: str) -> Gunicorn:
         log,
         "--preload", "--workers", str(WORKERS), "--threads", "4",
         # A gthread worker otherwise accepts up to 1000 clients at once, so
-        # one worker could take every request; at 4, all must share.
-        "--worker-connections", "4",
+        # one worker could take every request; at 12, half the clients, all
+        # must share. Not at 4, the threads: gunicorn 23 then hangs a worker
+        # whose 4 accepted clients have not sent their request yet (it stops
+        # polling them; benoitc/gunicorn#3407).
+        "--worker-connections", "12",
         url=url,
         **env,
     )  # fmt: skip
