@@ -41,11 +41,11 @@ class Checkout(t.NamedTuple):
 
 
 #: Who holds a connection outside any context: no owner, no request.
-_NOBODY = (None, None)
+NOBODY: tuple[None, None] = (None, None)
 
 
 def _nobody() -> tuple[t.Any, t.Any]:
-    return _NOBODY
+    return NOBODY
 
 
 _owner_of = operator.itemgetter(0)
@@ -155,10 +155,6 @@ class Holders:
 
     def _on_detach(self, dbapi_connection: t.Any, record: t.Any) -> None:
         self.release(record)
-
-    def holds(self, owner: t.Any) -> bool:
-        """Whether ``owner`` has a connection of this pool checked out."""
-        return held_by(self.checked_out, owner)
 
     def leaks_of(self, owner: t.Any) -> list[tuple[t.Any, Checkout]]:
         """Connections checked out by ``owner`` and still out."""

@@ -12,6 +12,8 @@ from flask import has_request_context
 from flask import request
 from flask.globals import app_ctx
 
+from ..core.holders import NOBODY
+
 # Bound once: the checkout listener calls them for every checkout. Inside a
 # context they cost what Flask's own ContextVar lookup does.
 _app_context = t.cast(t.Any, app_ctx)._get_current_object
@@ -29,9 +31,6 @@ def flask_version() -> tuple[int, ...]:
 TEARDOWNS_STOP_AT_FIRST_ERROR = flask_version() < (3, 2)
 
 
-_NOBODY = (None, None)
-
-
 def current_context() -> t.Any:
     """The current app context, or ``None`` outside of one."""
     try:
@@ -47,7 +46,7 @@ def current_holder() -> tuple[t.Any, t.Any]:
     try:
         ctx = _app_context()
     except RuntimeError:
-        return _NOBODY
+        return NOBODY
     # Asked first: an app context without a request (a job, a command) is
     # common, and the proxy's error would cost each checkout there 0.7 µs.
     return ctx, (_request() if has_request_context() else None)
