@@ -65,23 +65,38 @@ def constructor_engine_options(db: t.Any) -> dict[str, t.Any]:
     return dict(getattr(db, "_engine_options", None) or {})
 
 
-def veto_disconnects(dialect: t.Any, veto: t.Callable[[BaseException], bool]) -> None:
-    """Make this dialect instance's ``is_disconnect`` answer no where ``veto``
-    says so, on every path SQLAlchemy asks it (statements, pings).
+#: Decides whether an error is a disconnect: ``True`` or ``False``, or ``None``
+#: to leave it to the dialect. Takes the error and the connection SQLAlchemy
+#: passes (a pool's proxied connection for statements, the DBAPI one for pings).
+Judge = t.Callable[[BaseException, t.Any], t.Optional[bool]]
+
+
+def judge_disconnects(dialect: t.Any, tag: str, judge: Judge) -> None:
+    """Let ``judge`` overrule this dialect instance's ``is_disconnect``, on every
+    path SQLAlchemy asks it (statements, pings). One judge per ``tag``: a second
+    call with the same tag leaves the first in place.
 
     The public way is a ``handle_error`` listener, but any dialect listener makes
     SQLAlchemy look up listeners around every statement; this costs only errors.
-    One veto per dialect: a second call leaves the first in place.
     """
-    original = dialect.is_disconnect
-    if hasattr(original, "staleguard_veto"):
-        return
+    judges: dict[str, Judge] | None = getattr(
+        dialect.is_disconnect, "staleguard_judges", None
+    )
+    if judges is None:
+        original = dialect.is_disconnect
+        judges = {}
+        verdicts = judges.values()
 
-    def is_disconnect(e: t.Any, connection: t.Any, cursor: t.Any) -> bool:
-        return bool(original(e, connection, cursor)) and not veto(e)
+        def is_disconnect(e: t.Any, connection: t.Any, cursor: t.Any) -> bool:
+            for decide in verdicts:
+                verdict = decide(e, connection)
+                if verdict is not None:
+                    return verdict
+            return bool(original(e, connection, cursor))
 
-    is_disconnect.staleguard_veto = veto  # type: ignore[attr-defined]
-    dialect.is_disconnect = is_disconnect
+        is_disconnect.staleguard_judges = judges  # type: ignore[attr-defined]
+        dialect.is_disconnect = is_disconnect
+    judges.setdefault(tag, judge)
 
 
 def connect_started(record: t.Any) -> float | None:

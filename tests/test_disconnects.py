@@ -177,14 +177,19 @@ def test_statements_meet_no_listener_of_the_guard(
 ) -> None:
     # About SQLAlchemy's internals: any engine or dialect event listener makes it
     # look up listeners around every statement. The MariaDB 4031 rule is on the
-    # dialect's is_disconnect instead, which only failed statements call.
+    # dialect's is_disconnect instead, which only failed statements call, and so
+    # is the rule that a demoted writer's refusal is a disconnect.
     mysql_app, mysql_db = make_app(mariadb_url)
     postgres_app, postgres_db = make_app(postgres_url)
     with mysql_app.app_context():
         engine = mysql_db.engine
         assert engine._has_events is False
         assert engine.dialect._has_events is False
-        assert hasattr(engine.dialect.is_disconnect, "staleguard_veto")
+        judges = engine.dialect.is_disconnect.staleguard_judges
+        assert sorted(judges) == ["demotion", "mariadb-4031"]
     with postgres_app.app_context():
         assert postgres_db.engine._has_events is False
         assert postgres_db.engine.dialect._has_events is False
+        assert list(postgres_db.engine.dialect.is_disconnect.staleguard_judges) == [
+            "demotion"
+        ]

@@ -209,14 +209,21 @@ def test_sessions_open_sees_flask_sqlalchemys_registry(mariadb_url: str) -> None
         db.engine.dispose()
 
 
-def test_veto_disconnects_answers_no_once_per_dialect(mariadb_url: str) -> None:
+def test_judge_disconnects_decides_once_per_tag_and_dialect(mariadb_url: str) -> None:
     engine = sa.create_engine(mariadb_url)
     gone = pymysql.err.OperationalError(2006, "MySQL server has gone away")
+    refused = pymysql.err.OperationalError(1290, "--read-only")
     assert engine.dialect.is_disconnect(gone, None, None)
-    _private.veto_disconnects(engine.dialect, lambda e: True)
-    _private.veto_disconnects(engine.dialect, lambda e: False)  # left alone
+    assert not engine.dialect.is_disconnect(refused, None, None)
+    _private.judge_disconnects(engine.dialect, "a", lambda e, c: False)
+    _private.judge_disconnects(engine.dialect, "a", lambda e, c: True)  # left alone
     assert not engine.dialect.is_disconnect(gone, None, None)
-    assert sa.create_engine(mariadb_url).dialect.is_disconnect(gone, None, None)
+    _private.judge_disconnects(engine.dialect, "b", lambda e, c: None)
+    assert not engine.dialect.is_disconnect(gone, None, None)
+    other = sa.create_engine(mariadb_url).dialect
+    _private.judge_disconnects(other, "c", lambda e, c: e is refused or None)
+    assert other.is_disconnect(refused, None, None)  # the judge says yes
+    assert other.is_disconnect(gone, None, None)  # no word: the dialect's answer
 
 
 def test_connect_started_is_when_the_pool_began_to_connect(mariadb_url: str) -> None:

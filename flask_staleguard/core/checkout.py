@@ -23,7 +23,8 @@ from ..metrics.stats import BindStats
 from . import probe
 from .budget import IdleBudget
 from .deadline import shut_down_after
-from .discovery import session_idle_timeout
+from .discovery import node_facts
+from .discovery import NodeFacts
 from .holders import Holders
 from .keepalive import Keepalive
 from .keepalive import set_keepalive
@@ -50,7 +51,7 @@ os.register_at_fork(after_in_child=_note_fork)
 class ConnectionState:
     """What the guard knows about one pooled DBAPI connection."""
 
-    __slots__ = ("pid", "budget", "probe", "tls", "returned", "idle")
+    __slots__ = ("pid", "budget", "probe", "tls", "returned", "idle", "read_only")
 
     def __init__(
         self,
@@ -58,6 +59,7 @@ class ConnectionState:
         budget: float,
         socket_probe: probe.SocketProbe | None,
         tls: bool | None = None,
+        read_only: bool | None = None,
     ) -> None:
         #: The process that opened it.
         self.pid = pid
@@ -71,6 +73,8 @@ class ConnectionState:
         self.returned: float | None = None
         #: Seconds it had idled before its latest checkout.
         self.idle: float | None = None
+        #: Whether its node refused writes when it was opened; ``None``: unknown.
+        self.read_only = read_only
 
 
 #: Replaces a connection: counts, logs and signals ``reason`` and returns the
@@ -139,9 +143,10 @@ class CheckoutChecks:
             # Before the guard's own query: a dead path must not hang it either.
             self._set_keepalive(dbapi_connection, self.keepalive)
         budget = self._budget.seconds
+        read_only = None
         if self._watching and self._budget.discovers:
             try:
-                timeout = self._session_timeout(dbapi_connection)
+                timeout, read_only = self._node_facts(dbapi_connection)
             except NoAnswer:
                 raise  # the connection was shut down: the pool must not keep it
             except Exception as e:
@@ -157,7 +162,7 @@ class CheckoutChecks:
                 budget = self._budget.for_timeout(timeout)
                 if self._budget.is_news(timeout):
                     self._learn(timeout)
-        state = record.info[STATE] = self.state(dbapi_connection, budget)
+        state = record.info[STATE] = self.state(dbapi_connection, budget, read_only)
         if self._guarding and state.probe is None:
             self._tell_hidden()
 
@@ -196,11 +201,11 @@ class CheckoutChecks:
         except Exception:
             return False
 
-    def _session_timeout(self, dbapi_connection: t.Any) -> float | None:
-        """The new connection's idle timeout, asked within the time limit."""
+    def _node_facts(self, dbapi_connection: t.Any) -> NodeFacts:
+        """The new connection's idle timeout and role, asked within the time limit."""
         with shut_down_after(dbapi_connection, self._timeout) as struck:
             try:
-                return session_idle_timeout(dbapi_connection, self._kind)
+                return node_facts(dbapi_connection, self._kind)
             except Exception:
                 if struck():
                     raise NoAnswer(
@@ -210,14 +215,18 @@ class CheckoutChecks:
                     ) from None
                 raise
 
-    def state(self, dbapi_connection: t.Any, budget: float) -> ConnectionState:
-        """A new connection's state: its budget and, to guard it, its socket."""
+    def state(
+        self, dbapi_connection: t.Any, budget: float, read_only: bool | None = None
+    ) -> ConnectionState:
+        """A new connection's state: its budget, its node's role and, to guard
+        it, its socket.
+        """
         socket_probe = None
         tls = None
         if self._guarding:
             socket_probe = probe.probe_for(dbapi_connection)
             tls = probe.uses_tls(dbapi_connection)
-        return ConnectionState(_pid, budget, socket_probe, tls)
+        return ConnectionState(_pid, budget, socket_probe, tls, read_only)
 
     # The two listeners below run for every checkout: every attribute lookup and
     # call counts, so they are written flat.

@@ -7,13 +7,15 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import time
 import typing as t
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.exc import DisconnectionError
 
-from .._private import veto_disconnects
+from .._private import connect_started
+from .._private import judge_disconnects
 from ..errors import LeakError
 from ..metrics.signals import disconnect_seen
 from ..metrics.stats import BindStats
@@ -62,10 +64,52 @@ def error_code(error: BaseException) -> int | None:
     return None
 
 
+#: The label of a node that became read-only (MySQL 1290 and 1836, PostgreSQL
+#: 25006), in stats, metrics and signals.
+READ_ONLY = "read_only"
+#: The label of a Galera node that left the cluster's primary component (1047).
+NOT_PRIMARY = "wsrep_not_ready"
+#: What each failover label means, in the log.
+FAILOVERS = {
+    READ_ONLY: "the server became read-only",
+    NOT_PRIMARY: "the node left the cluster's primary component",
+}
+
+#: MySQL's 1290 is "the server runs with an option that forbids this"; only these
+#: options mean a read-only node (``--secure-file-priv`` is another).
+_READ_ONLY_OPTIONS = ("--read-only", "--super-read-only")
+
+
+def failover_label(error: BaseException, kind: str) -> str | None:
+    """:data:`READ_ONLY` or :data:`NOT_PRIMARY` when ``error`` is a statement
+    refused for its node's role, else ``None``.
+
+    MySQL's 1792 (a ``READ ONLY`` transaction) is the app's own choice, never a
+    failover; PostgreSQL's 25006 can be either: :func:`is_demotion` tells.
+    """
+    if kind == "mysql":
+        code = error_code(error)
+        message = str(error)
+        if code == 1836 or (
+            code == 1290 and any(o in message for o in _READ_ONLY_OPTIONS)
+        ):
+            return READ_ONLY
+        if code == 1047 and "WSREP" in message:
+            return NOT_PRIMARY
+        return None
+    if kind == "postgresql":
+        sqlstate = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+        return READ_ONLY if sqlstate == "25006" else None
+    return None
+
+
 def disconnect_label(
     error: BaseException, kind: str, *, mariadb: bool = False
 ) -> str | None:
     """A short label for a disconnect error, or ``None`` if it is not one."""
+    demoted = failover_label(error, kind)
+    if demoted is not None:
+        return demoted
     if isinstance(error, OSError):
         # str() of an OSError names the errno, not the class ("[Errno 104] ...").
         label = _ERRNOS.get(getattr(error, "winerror", None) or error.errno or 0)
@@ -107,6 +151,8 @@ class DisconnectReports:
         self._budget = budget
         self._stats = stats
         self._dialect: t.Any = None
+        #: ``time.time()`` of the last failover that invalidated the pool.
+        self._failover_at = 0.0
 
     def attach(self, engine: sa.engine.Engine) -> None:
         """Listen to ``engine``: disconnects are counted when the pool invalidates
@@ -132,8 +178,24 @@ class DisconnectReports:
         self._stats.count(self._stats.disconnects, label)
         state = record.info.get(STATE)
         idle = None if state is None else state.idle
-        logger.warning("bind %s: %s", self._sender.name, self.explain(label, idle))
+        if label in FAILOVERS:
+            self._failover(label, record)
+        else:
+            logger.warning("bind %s: %s", self._sender.name, self.explain(label, idle))
         disconnect_seen.send(self._sender, code=label, idle=idle)
+
+    def _failover(self, label: str, record: t.Any) -> None:
+        """Say once per failover that the pool was invalidated, and why."""
+        started = connect_started(record)
+        if started is not None and started < self._failover_at:
+            # Opened before the last failover invalidated the pool: the same
+            # event, met by another holder.
+            return
+        self._failover_at = time.time()
+        cause = FAILOVERS[label]
+        logger.warning(
+            "bind %s: %s (failover?): pool invalidated", self._sender.name, cause
+        )
 
     def explain(self, label: str, idle: float | None) -> str:
         """One line that names the likely cause of a lost connection."""
@@ -163,10 +225,14 @@ def keep_mariadb_4031(dialect: t.Any) -> None:
     disconnect it would invalidate the whole pool. Only failed statements pay
     for the check (``python -m bench --scenarios statements``).
     """
-    veto_disconnects(dialect, functools.partial(_is_mariadb_4031, dialect))
-
-
-def _is_mariadb_4031(dialect: t.Any, error: BaseException) -> bool:
-    return bool(getattr(dialect, "is_mariadb", False)) and (
-        error_code(error) in MYSQL_ONLY_GONE
+    judge_disconnects(
+        dialect, "mariadb-4031", functools.partial(_mariadb_4031, dialect)
     )
+
+
+def _mariadb_4031(
+    dialect: t.Any, error: BaseException, connection: t.Any
+) -> None | bool:
+    if getattr(dialect, "is_mariadb", False) and error_code(error) in MYSQL_ONLY_GONE:
+        return False
+    return None

@@ -38,29 +38,88 @@ def fallback_timeout(kind: str) -> float | None:
     return MYSQL_DEFAULT_TIMEOUT if kind == "mysql" else None
 
 
-def session_idle_timeout(dbapi_connection: t.Any, kind: str) -> float | None:
-    """The idle timeout the server enforces on this very connection.
+#: What the guard asks each new connection, in one round trip: the idle
+#: timeout the server enforces on it, and whether its node refuses writes.
+#: MySQL's ``super_read_only`` turns ``read_only`` on with it; Aurora's readers
+#: say so in ``innodb_read_only``.
+FACTS_SQL = {
+    "mysql": (
+        "SELECT @@session.wait_timeout,"
+        " @@global.read_only OR @@global.innodb_read_only",
+        # A server without InnoDB's variable (1193): the same, less it.
+        "SELECT @@session.wait_timeout, @@global.read_only",
+    ),
+    "postgresql": (
+        "SELECT (SELECT setting FROM pg_settings"
+        " WHERE name = 'idle_session_timeout'),"
+        " pg_is_in_recovery()"
+        " OR current_setting('default_transaction_read_only') = 'on'",
+        # A server that speaks the protocol without these functions.
+        "SELECT setting FROM pg_settings WHERE name = 'idle_session_timeout'",
+    ),
+}
+
+
+class NodeFacts(t.NamedTuple):
+    """What a new connection says about itself and its node."""
+
+    #: The idle timeout the server enforces on it, in seconds; ``None``: none.
+    idle_timeout: float | None
+    #: Whether its node refuses writes (a replica, a demoted primary);
+    #: ``None``: the node did not say.
+    read_only: bool | None
+
+
+NO_FACTS = NodeFacts(None, None)
+
+
+def node_facts(dbapi_connection: t.Any, kind: str) -> NodeFacts:
+    """The idle timeout and role of the node behind ``dbapi_connection``.
 
     MySQL and MariaDB enforce ``@@session.wait_timeout`` (seeded from the global
     ``wait_timeout`` for non-interactive clients such as PyMySQL and mysqlclient).
-    PostgreSQL enforces ``idle_session_timeout`` (14+; 0 means none). ``None``
-    means no idle timeout.
+    PostgreSQL enforces ``idle_session_timeout`` (14+; 0 means none).
     """
-    if kind == "mysql":
-        row = _fetch_one(dbapi_connection, "SELECT @@session.wait_timeout")
-        return float(row[0]) if row and row[0] else None
-    if kind == "postgresql":
+    queries = FACTS_SQL.get(kind)
+    if queries is None:
+        return NO_FACTS
+    first, fallback = queries
+    try:
         try:
-            row = _fetch_one(
-                dbapi_connection,
-                "SELECT setting FROM pg_settings WHERE name = 'idle_session_timeout'",
-            )
-        finally:
+            row = _fetch_one(dbapi_connection, first)
+        except Exception as e:
+            if not _unknown_name(e, kind):
+                raise
+            if kind == "postgresql":
+                dbapi_connection.rollback()
+            row = _fetch_one(dbapi_connection, fallback)
+    finally:
+        if kind == "postgresql":
             # Leave no transaction open: the pool hands this connection out next.
             dbapi_connection.rollback()
-        milliseconds = float(row[0]) if row else 0.0
-        return milliseconds / 1000 if milliseconds else None
-    return None
+    if row is None:
+        return NO_FACTS
+    timeout = float(row[0]) if row[0] else None
+    if kind == "postgresql" and timeout is not None:
+        timeout /= 1000  # milliseconds
+    read_only = bool(int(row[1])) if len(row) > 1 and row[1] is not None else None
+    return NodeFacts(timeout or None, read_only)
+
+
+def _unknown_name(error: BaseException, kind: str) -> bool:
+    """Whether ``error`` says the server does not know a variable or function
+    of the first query: a server that is not what it claims, not a dead one.
+    """
+    args: tuple[t.Any, ...] = getattr(error, "args", ())
+    if kind == "mysql":
+        return bool(args) and args[0] == 1193  # ER_UNKNOWN_SYSTEM_VARIABLE
+    code = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+    return code in ("42883", "42704", "42P01")  # undefined function / object
+
+
+def session_idle_timeout(dbapi_connection: t.Any, kind: str) -> float | None:
+    """The idle timeout the server enforces on this very connection."""
+    return node_facts(dbapi_connection, kind).idle_timeout
 
 
 def _fetch_one(dbapi_connection: t.Any, sql: str) -> t.Any:

@@ -4,7 +4,8 @@
 options; the work is done by its pieces, each attached to the pool's events:
 :class:`~.checkout.CheckoutChecks` (stale connections at checkout),
 :class:`~.holders.Holders` (who holds what: leaks),
-:class:`~.disconnects.DisconnectReports` (connections lost in use), and
+:class:`~.disconnects.DisconnectReports` (connections lost in use),
+:func:`~.failover.watch_for_demotions` (a writer that became read-only), and
 :class:`~.budget.IdleBudget` (how long connections may idle).
 """
 
@@ -26,6 +27,7 @@ from .budget import IdleBudget
 from .checkout import CheckoutChecks
 from .derive import derive_engine_options
 from .disconnects import DisconnectReports
+from .failover import watch_for_demotions
 from .holders import Holders
 from .keepalive import keepalive_for
 from .options import GuardOptions
@@ -128,6 +130,8 @@ class PoolGuard:
         self._checks.attach(engine)
         self.holders.attach(engine)
         self._reports.attach(engine)
+        if self.strategy != "off":
+            watch_for_demotions(engine.dialect, self.kind)
 
     def engines(self) -> list[sa.engine.Engine]:
         """The engines whose pools this guard listens to."""
