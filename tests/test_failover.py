@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
+from flask_staleguard.core.checkout import STATE
 from flask_staleguard.core.disconnects import failover_label
 from tests.helpers import AppFactory
 from tests.helpers import stats
@@ -127,6 +128,7 @@ def test_mariadb_failover_costs_at_most_one_write(
     caplog.set_level(logging.WARNING, logger="flask_staleguard")
     _fail_over_mariadb(old_mariadb, new_mariadb, mariadb_proxy)
     failed = _failed_writes(app)
+    print(f"MariaDB failover, guard={guard}: {failed} of {WRITES} writes failed")
     if not guard:
         # Without the guard the pool keeps every session on the old writer.
         assert failed == WRITES
@@ -138,6 +140,27 @@ def test_mariadb_failover_costs_at_most_one_write(
     assert said == [
         "bind default: the server became read-only (failover?): pool invalidated"
     ]
+
+
+def _role(app: Flask, db: SQLAlchemy) -> bool | None:
+    """What a new pooled connection learnt of its node's role when it was opened."""
+    with app.app_context():
+        db.engine.dispose()
+        with db.engine.connect() as conn:
+            return t.cast("bool | None", conn.connection.info[STATE].read_only)
+
+
+def test_each_new_connection_learns_its_nodes_role(
+    make_app: AppFactory,
+    old_mariadb: MariaDBServer,
+    postgres: PostgresServer,
+) -> None:
+    mysql = make_app(old_mariadb.user_url)
+    pg = make_app(postgres.url)
+    assert (_role(*mysql), _role(*pg)) == (False, False)
+    old_mariadb.execute("SET GLOBAL read_only = 1")
+    postgres.alter_system("default_transaction_read_only", "on")
+    assert (_role(*mysql), _role(*pg)) == (True, True)
 
 
 def test_a_replica_bind_is_left_alone(
@@ -186,6 +209,7 @@ def test_postgres_failover_costs_at_most_one_write(
     postgres.alter_system("default_transaction_read_only", "on")
     postgres_proxy.target_port = new_postgres.port
     failed = _failed_writes(app)
+    print(f"PostgreSQL failover, guard={guard}: {failed} of {WRITES} writes failed")
     if not guard:
         assert failed == WRITES
         return
