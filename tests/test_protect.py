@@ -190,6 +190,7 @@ def test_keepalive_and_user_options(
         ({"strategy": "ping"}, "strategy is 'ping'; accepted values are:"),
         ({"idle_timout": 5}, "unknown option 'idle_timout'; it takes: strategy,"),
         ({"keepalive": 0}, "keepalive is 0; expected a number of seconds"),
+        ({"role": "primary"}, "role is 'primary'; accepted values are: 'auto',"),
         ({"leaks": "raise"}, "no 'leaks' option: leaks are judged when an app"),
     ],
 )

@@ -91,6 +91,18 @@ def test_values_are_read() -> None:
             " 0 and at most 31536000 (a year), or None.",
         ),
         (
+            "STALEGUARD_ROLE",
+            "replica",
+            "STALEGUARD_ROLE is 'replica'; accepted values are:"
+            " 'auto', 'writer', 'any'.",
+        ),
+        (
+            "STALEGUARD_ROLE",
+            {"reports": None},
+            "STALEGUARD_ROLE['reports'] is None; accepted values are:"
+            " 'auto', 'writer', 'any'.",
+        ),
+        (
             "STALEGUARD_IDLE_TIMEOUT",
             float("nan"),
             "STALEGUARD_IDLE_TIMEOUT is nan; expected a number of seconds more than 0"
@@ -109,3 +121,15 @@ def test_unknown_key_is_an_error() -> None:
         ConfigError, match="Unknown configuration key 'STALEGUARD_IDLE'"
     ):
         load_settings({"STALEGUARD_IDLE": 5})
+
+
+def test_role_is_per_bind() -> None:
+    settings = load_settings({"STALEGUARD_ROLE": {"replica": "any"}})
+    keyed = settings.for_binds([None, "replica"])
+    assert keyed.options_for("replica").role == "any"
+    assert keyed.options_for(None).role == "auto"
+    assert load_settings({"STALEGUARD_ROLE": "writer"}).options_for(None).role == (
+        "writer"
+    )
+    with pytest.raises(ConfigError, match="STALEGUARD_ROLE has the key 'nope'"):
+        load_settings({"STALEGUARD_ROLE": {"nope": "any"}}).for_binds([None])

@@ -130,7 +130,7 @@ class PoolGuard:
         self._checks.attach(engine)
         self.holders.attach(engine)
         self._reports.attach(engine)
-        if self.strategy != "off":
+        if self.strategy != "off" and self.options.role != "any":
             watch_for_demotions(engine.dialect, self.kind)
 
     def engines(self) -> list[sa.engine.Engine]:

@@ -16,6 +16,11 @@ from ..errors import ConfigError
 #: ``pool_recycle`` only), ``"pre_ping"`` (derived ``pool_recycle`` plus
 #: ``pool_pre_ping=True``) or ``"off"``.
 STRATEGIES = ("guard", "recycle", "pre_ping", "off")
+#: Which nodes a pool's new connections may land on: ``"auto"`` (any, but after
+#: a failover on the pool, a read-only one is replaced until one lands on a
+#: writer), ``"writer"`` (a read-only node is always replaced, within the connect
+#: wait) or ``"any"`` (a replica: its refusals are never taken for a failover).
+ROLES = ("auto", "writer", "any")
 #: What happens to a connection still checked out when its app context ends.
 LEAK_POLICIES = ("warn", "reclaim", "raise")
 #: The longest span any option accepts: a year, in seconds (what PyMySQL allows
@@ -42,6 +47,8 @@ class GuardOptions:
     leak_threshold: float | None = None
     #: Seconds of silence before a TCP keepalive probe; ``None``: the driver's.
     keepalive: float | None = 60.0
+    #: Which nodes its connections may be on: one of :data:`ROLES`.
+    role: str = "auto"
 
 
 def choice(name: str, value: object, accepted: tuple[str, ...]) -> str:

@@ -23,6 +23,7 @@ from .discovery import flavor
 from .guard import PoolGuard
 from .options import choice
 from .options import GuardOptions
+from .options import ROLES
 from .options import seconds
 from .options import STRATEGIES
 from .redact import Secrets
@@ -40,6 +41,7 @@ OPTIONS = (
     "discovery_timeout",
     "leak_threshold",
     "keepalive",
+    "role",
 )
 
 #: What a pool does when it was not told otherwise: the user's own values win.
@@ -90,6 +92,7 @@ def guard_options(options: t.Mapping[str, t.Any]) -> GuardOptions:
         keepalive=seconds(
             "keepalive", get("keepalive", defaults.keepalive), optional=True
         ),
+        role=choice("role", get("role", defaults.role), ROLES),
     )
 
 
@@ -100,7 +103,8 @@ def protect(
 
     :param name: The pool's name in logs; the URL's database by default.
     :param options: ``strategy``, ``idle_timeout``, ``server_timeout``,
-        ``margin``, ``discovery_timeout``, ``leak_threshold``, ``keepalive``:
+        ``margin``, ``discovery_timeout``, ``leak_threshold``, ``keepalive``,
+        ``role``:
         the ``STALEGUARD_*`` keys of the same names, validated the same way.
 
     Nothing is asked of the server here: the first connection says its idle

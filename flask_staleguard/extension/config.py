@@ -15,6 +15,7 @@ import typing as t
 from ..core.options import choice
 from ..core.options import GuardOptions
 from ..core.options import LEAK_POLICIES
+from ..core.options import ROLES
 from ..core.options import seconds
 from ..core.options import STRATEGIES
 from ..errors import ConfigError
@@ -52,6 +53,12 @@ LEAK_THRESHOLD = "STALEGUARD_LEAK_THRESHOLD"
 #: shorter ``STALEGUARD_IDLE_TIMEOUT`` brings the first probe to half of it.
 #: ``None`` leaves the driver's socket options alone.
 KEEPALIVE = "STALEGUARD_KEEPALIVE"
+#: Which nodes a bind's connections may be on: ``"auto"`` (any; after a failover
+#: on the bind, a new connection that lands on a read-only node is replaced until
+#: one lands on a writer), ``"writer"`` (always so) or ``"any"`` (a replica: a
+#: refused write is never taken for a failover). A string, or a dict of bind key
+#: to string.
+ROLE = "STALEGUARD_ROLE"
 
 #: The defaults, applied with ``app.config.setdefault`` at ``init_app``.
 DEFAULTS: dict[str, t.Any] = {
@@ -63,11 +70,13 @@ DEFAULTS: dict[str, t.Any] = {
     LEAKS: "reclaim",
     LEAK_THRESHOLD: None,
     KEEPALIVE: 60.0,
+    ROLE: "auto",
 }
 
 #: A bind key: ``None`` is Flask-SQLAlchemy's default bind.
 BindKey = t.Optional[str]
 PerBind = t.Union[float, None, t.Mapping[BindKey, t.Optional[float]]]
+PerBindRole = t.Union[str, t.Mapping[BindKey, str]]
 
 #: How the default bind is named in logs, output, ``--bind`` and per-bind dicts
 #: (where ``None``, Flask-SQLAlchemy's own key for it, works too).
@@ -91,6 +100,7 @@ class Settings:
     leaks: str = "reclaim"
     leak_threshold: float | None = None
     keepalive: float | None = 60.0
+    role: PerBindRole = "auto"
 
     def idle_timeout_for(self, bind: BindKey) -> float | None:
         """The declared middlebox idle timer for ``bind``, if any."""
@@ -99,6 +109,12 @@ class Settings:
     def server_timeout_for(self, bind: BindKey) -> float | None:
         """The declared server idle timeout for ``bind``, if any."""
         return _for_bind(self.server_timeout, bind)
+
+    def role_for(self, bind: BindKey) -> str:
+        """Which nodes ``bind``'s connections may be on."""
+        if isinstance(self.role, t.Mapping):
+            return str(self.role.get(bind, DEFAULTS[ROLE]))
+        return self.role
 
     def options_for(self, bind: BindKey) -> GuardOptions:
         """The guard options of ``bind``."""
@@ -111,6 +127,7 @@ class Settings:
             leaks=self.leaks,
             leak_threshold=self.leak_threshold,
             keepalive=self.keepalive,
+            role=self.role_for(bind),
         )
 
     def for_binds(self, binds: t.Iterable[BindKey]) -> Settings:
@@ -124,6 +141,7 @@ class Settings:
             self,
             idle_timeout=_keyed(IDLE_TIMEOUT, self.idle_timeout, known),
             server_timeout=_keyed(SERVER_TIMEOUT, self.server_timeout, known),
+            role=_keyed(ROLE, self.role, known),
         )
 
 
@@ -133,7 +151,10 @@ def _for_bind(value: PerBind, bind: BindKey) -> float | None:
     return value
 
 
-def _keyed(key: str, value: PerBind, known: list[BindKey]) -> PerBind:
+V = t.TypeVar("V", PerBind, PerBindRole)
+
+
+def _keyed(key: str, value: V, known: list[BindKey]) -> V:
     """``value`` with ``"default"`` read as the default bind, and every key checked
     against the app's binds.
     """
@@ -141,7 +162,7 @@ def _keyed(key: str, value: PerBind, known: list[BindKey]) -> PerBind:
         return value
     ordered = sorted(known, key=lambda b: (b is not None, b or ""))
     names = ", ".join(repr(bind_name(b)) for b in ordered) or "none"
-    keyed: dict[BindKey, float | None] = {}
+    keyed: dict[BindKey, t.Any] = {}
     for bind, number in value.items():
         actual: BindKey = bind
         if bind == DEFAULT_BIND and bind not in known:
@@ -187,7 +208,16 @@ def load_settings(config: t.Mapping[str, t.Any]) -> Settings:
         leaks=choice(LEAKS, get[LEAKS], LEAK_POLICIES),
         leak_threshold=seconds(LEAK_THRESHOLD, get[LEAK_THRESHOLD], optional=True),
         keepalive=seconds(KEEPALIVE, get[KEEPALIVE], optional=True),
+        role=_per_bind_role(get[ROLE]),
     )
+
+
+def _per_bind_role(value: object) -> PerBindRole:
+    if isinstance(value, t.Mapping):
+        return {
+            bind: choice(f"{ROLE}[{bind!r}]", v, ROLES) for bind, v in value.items()
+        }
+    return choice(ROLE, value, ROLES)
 
 
 def _per_bind(key: str, value: object) -> PerBind:
