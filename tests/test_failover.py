@@ -69,10 +69,10 @@ def postgres_proxy(postgres: PostgresServer) -> Iterator[TcpProxy]:
 
 
 def _writing_app(
-    make_app: AppFactory, url: str, guard: bool
+    make_app: AppFactory, url: str, guard: bool, **config: t.Any
 ) -> tuple[Flask, SQLAlchemy]:
     """An app whose ``POST /w`` inserts a row naming the server's port."""
-    app, db = make_app(url, guard=guard, SQLALCHEMY_ENGINE_OPTIONS=POOL)
+    app, db = make_app(url, guard=guard, SQLALCHEMY_ENGINE_OPTIONS=POOL, **config)
     port = "@@port" if url.startswith("mysql") else "current_setting('port')::int"
 
     @app.post("/w")
@@ -174,6 +174,20 @@ def test_a_replica_bind_is_left_alone(
     seen = mariadb_proxy.connections_seen
     assert _failed_writes(app) == WRITES
     assert mariadb_proxy.connections_seen == seen
+    assert stats(app)["disconnects"] == {}
+
+
+def test_role_any_leaves_refusals_to_the_app(
+    make_app: AppFactory,
+    old_mariadb: MariaDBServer,
+    new_mariadb: MariaDBServer,
+    mariadb_proxy: TcpProxy,
+) -> None:
+    old_mariadb.execute(CREATE)
+    url = mariadb_proxy.url_for(old_mariadb.user_url)
+    app, _ = _writing_app(make_app, url, True, STALEGUARD_ROLE="any")
+    _fail_over_mariadb(old_mariadb, new_mariadb, mariadb_proxy)
+    assert _failed_writes(app) == WRITES
     assert stats(app)["disconnects"] == {}
 
 
