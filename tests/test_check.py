@@ -147,6 +147,32 @@ def test_idle_timeout_longer_than_the_servers_is_pointless(
     assert problems_of(shorter) == (0, [])
 
 
+@pytest.mark.parametrize(
+    ("role", "severity"), [("auto", "warning"), ("writer", "error"), ("any", None)]
+)
+def test_a_read_only_server_is_flagged_unless_the_bind_is_a_replica(
+    make_app: AppFactory, mariadb: MariaDBServer, role: str, severity: str | None
+) -> None:
+    app, db = make_app(mariadb.user_url, STALEGUARD_ROLE=role)
+    assert problems_of(app) == (0, [])
+    mariadb.execute("SET GLOBAL read_only = 1")
+    try:
+        exit_code, problems = problems_of(app)
+        with app.app_context():
+            shown = invoke(app, "pool").stdout
+    finally:
+        mariadb.execute("SET GLOBAL read_only = 0")
+    assert ", read-only" in shown
+    assert f"{role} (STALEGUARD_ROLE); the newest connection's node: read-only" in shown
+    if severity is None:
+        assert (exit_code, problems) == (0, [])
+        return
+    assert exit_code == 1
+    (problem,) = problems
+    assert (problem["code"], problem["severity"]) == ("read_only_server", severity)
+    assert "STALEGUARD_ROLE = {'default': 'any'}" in problem["fix"]
+
+
 def test_connection_headroom_across_workers_and_binds(
     make_app: AppFactory, mariadb_url: str, postgres_url: str
 ) -> None:

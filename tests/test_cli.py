@@ -44,6 +44,8 @@ BIND_KEYS = {
     "pool_recycle",
     "pre_ping",
     "applied",
+    "role",
+    "node_role",
     "liveness_probe",
     "keepalive",
     "server",
@@ -61,6 +63,7 @@ MYSQL_SERVER_KEYS = {
     "interactive_timeout",
     "max_connections",
     "threads_connected",
+    "read_only",
 }
 POSTGRES_SERVER_KEYS = {
     "version",
@@ -71,6 +74,7 @@ POSTGRES_SERVER_KEYS = {
     "max_connections",
     "superuser_reserved_connections",
     "client_backends",
+    "read_only",
 }
 CONNECTION_KEYS = {"id", "host", "state", "idle", "past_budget"}
 STATS_KEYS = {
@@ -110,6 +114,8 @@ def test_pool_json_schema_with_two_binds(
         assert entry["pool_recycle"] == -1
         assert entry["pre_ping"] is False
         assert entry["liveness_probe"] is True
+        assert (entry["role"], entry["node_role"]) == ("auto", "writer")
+        assert entry["server"]["read_only"] is False
         assert entry["error"] is None
         assert entry["stats"]["checkouts"] >= 2
         for connection in entry["connections"]:

@@ -130,6 +130,9 @@ class CheckoutChecks:
         self._guarding = strategy == "guard"
         self._watching = strategy != "off"
         self._dialect: t.Any = None
+        #: Whether the node of the newest connection refused writes when it was
+        #: opened; ``None`` until one says.
+        self.read_only: bool | None = None
 
     def attach(self, engine: t.Any) -> None:
         """Listen to ``engine``'s pool. Listeners survive ``engine.dispose()``."""
@@ -160,6 +163,8 @@ class CheckoutChecks:
                 )
             else:
                 budget = self._budget.for_timeout(timeout)
+                if read_only is not None:
+                    self.read_only = read_only
                 if self._budget.is_news(timeout):
                     self._learn(timeout)
         state = record.info[STATE] = self.state(dbapi_connection, budget, read_only)

@@ -133,6 +133,14 @@ class PoolGuard:
         if self.strategy != "off" and self.options.role != "any":
             watch_for_demotions(engine.dialect, self.kind)
 
+    @property
+    def node_role(self) -> str | None:
+        """``"writer"`` or ``"read-only"``: what the newest connection's node said
+        when it was opened; ``None`` until one said.
+        """
+        read_only = self._checks.read_only
+        return None if read_only is None else ("read-only" if read_only else "writer")
+
     def engines(self) -> list[sa.engine.Engine]:
         """The engines whose pools this guard listens to."""
         return list(self._engines)

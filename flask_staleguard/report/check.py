@@ -37,6 +37,8 @@ NO_CONNECTION_HEADROOM = "no_connection_headroom"
 #: A declared path timer that the TCP keepalive, as read back from a live
 #: connection, does not beat: a silently dropped flow would hang a statement.
 KEEPALIVE_TOO_LONG = "keepalive_too_long"
+#: The server refuses writes, and the bind is not declared a replica.
+READ_ONLY_SERVER = "read_only_server"
 #: SQLite has no server to close idle connections: nothing to guard.
 SQLITE = "sqlite"
 
@@ -116,6 +118,7 @@ def find_problems(reports: t.Sequence[Report], workers: int = 1) -> list[Problem
         problems += _timer_problems(report)
         problems += _driver_problems(report)
         problems += _keepalive_problems(report)
+        problems += _role_problems(report)
     problems += _headroom_problems(reports, workers)
     return problems
 
@@ -227,6 +230,21 @@ def _driver_problems(report: Report) -> t.Iterator[Problem]:
             " STALEGUARD_STRATEGY = 'pre_ping'.",
             "warning",
         )
+
+
+def _role_problems(report: Report) -> t.Iterator[Problem]:
+    server = report["server"] or {}
+    if not server.get("read_only") or report["role"] == "any":
+        return
+    yield Problem(
+        READ_ONLY_SERVER,
+        report["bind"],
+        "the server refuses writes (read_only, a standby, or a demoted primary"
+        " after a failover): every write on this bind fails",
+        "Point the bind at the writer; if it reads from a replica on purpose, say"
+        f" so: STALEGUARD_ROLE = {{{report['bind']!r}: 'any'}}.",
+        "error" if report["role"] == "writer" else "warning",
+    )
 
 
 def _keepalive_problems(report: Report) -> t.Iterator[Problem]:

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 
 from .._private import side_connection
 from ..core import probe
+from ..core.checkout import STATE
 from ..core.deadline import call_within
 from ..core.disconnects import error_code
 from ..core.guard import PoolGuard
@@ -89,6 +90,9 @@ def _read(guard: PoolGuard, engine: sa.engine.Engine, process_list: bool) -> Rep
         else:
             notes.append(f"no server timers are known for {engine.dialect.name}")
             return found
+        # The pool's connect listener asked this very connection its node's role.
+        state = record.info.get(STATE)
+        server["read_only"] = None if state is None else state.read_only
         for row in connections:
             idle = row["idle"]
             row["past_budget"] = idle is not None and idle > guard.idle.seconds

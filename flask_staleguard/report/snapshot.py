@@ -161,6 +161,8 @@ def _guard_facts(guard: PoolGuard, pool: sa.pool.Pool) -> Report:
         "pool_recycle": recycle if isinstance(recycle, int) else float(recycle),
         "pre_ping": bool(_private.pool_option(pool, "pool_pre_ping")),
         "applied": dict(guard.applied),
+        "role": guard.options.role,
+        "node_role": guard.node_role,
         "liveness_probe": None,
         "keepalive": None,
         "server": None,

@@ -73,6 +73,9 @@ def _format_bind(r: Report) -> str:
             f"{pre_ping}{set_by if 'pool_pre_ping' in r['applied'] else ''}",
         )
     )
+    node = {"writer": "a writer", "read-only": "read-only"}.get(r["node_role"] or "")
+    learnt = f"; the newest connection's node: {node}" if node else ""
+    rows.append(("Role", f"{r['role']} (STALEGUARD_ROLE){learnt}"))
     if r["liveness_probe"] is not None:
         supported = (
             "supported" if r["liveness_probe"] else "not supported by the driver"
@@ -86,7 +89,10 @@ def _format_bind(r: Report) -> str:
             (
                 "Server",
                 f"{server['version']} as {server['user']},"
-                f" database {server['database']}",
+                f" database {server['database']}"
+                + {True: ", read-only", False: ", a writer"}.get(
+                    server["read_only"], ""
+                ),
             )
         )
         if "wait_timeout" in server:
