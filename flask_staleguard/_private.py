@@ -146,6 +146,14 @@ def pymysql_socket(dbapi_connection: t.Any) -> t.Any:
     return getattr(dbapi_connection, "_sock", None)
 
 
+def pymysql_read_timeout(dbapi_connection: t.Any) -> float | None:
+    """The read timeout a PyMySQL connection applies to every reply; ``None``:
+    none. It has no accessor.
+    """
+    value = getattr(dbapi_connection, "_read_timeout", None)
+    return None if value is None else float(value)
+
+
 def asyncio_transport(driver_connection: t.Any) -> asyncio.BaseTransport | None:
     """The asyncio transport an asyncio driver's connection talks over, if any.
 

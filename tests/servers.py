@@ -493,6 +493,7 @@ class MariaDBServer(_PrivateServer):
             "--no-defaults",
             "--user=root",
             f"--datadir={self.datadir}",
+            f"--tmpdir={self._tmpdir()}",
             "--auth-root-authentication-method=normal",
         ]
         self._run_setup_tool("mariadb-install-db", args)
@@ -507,9 +508,18 @@ class MariaDBServer(_PrivateServer):
             f"--bind-address={LOCALHOST}",
             f"--socket={self.socket_path}",
             f"--pid-file={self.pid_path}",
+            f"--tmpdir={self._tmpdir()}",
             "--skip-log-bin",
             *self.extra_args,
         ]
+
+    def _tmpdir(self) -> Path:
+        """A temporary directory of its own: servers that share /tmp can trip on
+        each other's temporary table files.
+        """
+        path = self.basedir / "tmp"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def _probe(self) -> None:
         self._connect(database=None, connect_timeout=1).close()

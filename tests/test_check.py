@@ -21,10 +21,18 @@ from tests.servers import free_port
 from tests.servers import MariaDBServer
 
 PROBLEM_KEYS = {"code", "bind", "message", "fix", "severity"}
+#: PyMySQL with a bound on every reply: no ``no_read_bound`` to report.
+READ_BOUND = {"connect_args": {"read_timeout": 600}}
 
 
-def problems_of(app: Flask, *args: str) -> tuple[int, list[dict[str, t.Any]]]:
-    """Exit code and problems of ``check --json ARGS``, with the schema checked."""
+def problems_of(
+    app: Flask, *args: str, read_bound: bool = False
+) -> tuple[int, list[dict[str, t.Any]]]:
+    """Exit code and problems of ``check --json ARGS``, with the schema checked.
+
+    Every PyMySQL bind without a ``read_timeout`` has the ``no_read_bound`` info;
+    it is left out unless ``read_bound``, and tested on its own.
+    """
     with app.app_context():
         result = invoke(app, "check", "--json", *args)
     document = json.loads(result.stdout)
@@ -32,7 +40,10 @@ def problems_of(app: Flask, *args: str) -> tuple[int, list[dict[str, t.Any]]]:
     assert document["schema"] == 1
     for problem in document["problems"]:
         assert set(problem) == PROBLEM_KEYS
-    return result.exit_code, document["problems"]
+    problems = document["problems"]
+    if not read_bound:
+        problems = [p for p in problems if p["code"] != "no_read_bound"]
+    return result.exit_code, problems
 
 
 def codes(problems: list[dict[str, t.Any]]) -> list[str]:
@@ -40,12 +51,26 @@ def codes(problems: list[dict[str, t.Any]]) -> list[str]:
 
 
 def test_a_sound_setup_exits_0(make_app: AppFactory, mariadb_url: str) -> None:
-    app, db = make_app(mariadb_url)
+    app, db = make_app(mariadb_url, SQLALCHEMY_ENGINE_OPTIONS=READ_BOUND)
     with app.app_context():
         result = invoke(app, "check")
     assert result.exit_code == 0
     assert result.stdout == "No problems found in default.\n"
-    assert problems_of(app) == (0, [])
+    assert problems_of(app, read_bound=True) == (0, [])
+
+
+def test_pymysql_without_a_read_timeout_is_told_but_passes(
+    make_app: AppFactory, mariadb_url: str
+) -> None:
+    app, db = make_app(mariadb_url)
+    exit_code, problems = problems_of(app, read_bound=True)
+    assert exit_code == 0
+    (problem,) = problems
+    assert (problem["code"], problem["severity"]) == ("no_read_bound", "info")
+    assert "connect_args={'read_timeout': N}" in problem["fix"]
+    # A read_timeout in the URL counts as well: the live connection says.
+    bounded, _ = make_app(f"{mariadb_url}?read_timeout=30")
+    assert problems_of(bounded, read_bound=True) == (0, [])
 
 
 @pytest.mark.parametrize(
@@ -178,7 +203,7 @@ def test_connection_headroom_across_workers_and_binds(
 ) -> None:
     app, db = make_app(
         mariadb_url,
-        SQLALCHEMY_ENGINE_OPTIONS={"pool_size": 40, "max_overflow": 30},
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_size": 40, "max_overflow": 30, **READ_BOUND},
         SQLALCHEMY_BINDS={"pg": {"url": postgres_url, "max_overflow": 20}},
     )
     report = pool_report(app, process_list=False)
@@ -211,7 +236,7 @@ def test_binds_on_one_server_share_its_connections(
     max_connections = pool_report(probe_app)[0]["server"]["max_connections"]
     # Each bind alone fits under max_connections; the two together do not.
     half = max_connections // 2 + 1
-    each = {"url": mariadb_url, "pool_size": half, "max_overflow": 0}
+    each = {"url": mariadb_url, "pool_size": half, "max_overflow": 0, **READ_BOUND}
     app, db = make_app(SQLALCHEMY_BINDS={"a": each, "b": each})
     (problem,) = find_problems(pool_report(app, process_list=False))
     assert (problem.code, problem.bind) == ("no_connection_headroom", "a")
@@ -255,7 +280,9 @@ def test_sqlite_is_reported_but_not_a_failure(
     make_app: AppFactory, mariadb_url: str, tmp_path: Path
 ) -> None:
     app, db = make_app(
-        mariadb_url, SQLALCHEMY_BINDS={"cache": f"sqlite:///{tmp_path / 'c.db'}"}
+        mariadb_url,
+        SQLALCHEMY_ENGINE_OPTIONS=READ_BOUND,
+        SQLALCHEMY_BINDS={"cache": f"sqlite:///{tmp_path / 'c.db'}"},
     )
     with app.app_context():
         result = invoke(app, "check")
@@ -288,11 +315,12 @@ def test_unreachable_database_exits_2(make_app: AppFactory, scheme: str) -> None
 def test_every_exit_code_from_a_real_flask_process(
     tmp_path: Path, mariadb_url: str
 ) -> None:
-    ok = run_flask(tmp_path, {"SQLALCHEMY_DATABASE_URI": mariadb_url}, "check")
+    bounded = f"{mariadb_url}?read_timeout=600"
+    ok = run_flask(tmp_path, {"SQLALCHEMY_DATABASE_URI": bounded}, "check")
     assert (ok.returncode, ok.stdout) == (0, "No problems found in default.\n")
     bad = run_flask(
         tmp_path,
-        {"SQLALCHEMY_DATABASE_URI": mariadb_url, "STALEGUARD_IDLE_TIMEOUT": 30000},
+        {"SQLALCHEMY_DATABASE_URI": bounded, "STALEGUARD_IDLE_TIMEOUT": 30000},
         "check",
     )
     assert bad.returncode == 1
@@ -321,7 +349,9 @@ def test_problem_as_dict_is_the_json_form() -> None:
 
 
 def test_check_function_result(make_app: AppFactory, mariadb_url: str) -> None:
-    app, db = make_app(mariadb_url, STALEGUARD_IDLE_TIMEOUT=30000)
+    app, db = make_app(
+        mariadb_url, SQLALCHEMY_ENGINE_OPTIONS=READ_BOUND, STALEGUARD_IDLE_TIMEOUT=30000
+    )
     result = check(app)
     assert result.binds == ["default"]
     assert result.unreachable == []

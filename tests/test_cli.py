@@ -48,6 +48,7 @@ BIND_KEYS = {
     "node_role",
     "liveness_probe",
     "keepalive",
+    "read_timeout",
     "server",
     "connections",
     "notes",

@@ -39,6 +39,9 @@ NO_CONNECTION_HEADROOM = "no_connection_headroom"
 KEEPALIVE_TOO_LONG = "keepalive_too_long"
 #: The server refuses writes, and the bind is not declared a replica.
 READ_ONLY_SERVER = "read_only_server"
+#: PyMySQL waits for a reply for ever: a server that stops answering
+#: mid-statement (frozen, or a half-dead proxy) hangs the request.
+NO_READ_BOUND = "no_read_bound"
 #: SQLite has no server to close idle connections: nothing to guard.
 SQLITE = "sqlite"
 
@@ -119,6 +122,7 @@ def find_problems(reports: t.Sequence[Report], workers: int = 1) -> list[Problem
         problems += _driver_problems(report)
         problems += _keepalive_problems(report)
         problems += _role_problems(report)
+        problems += _read_bound_problems(report)
     problems += _headroom_problems(reports, workers)
     return problems
 
@@ -245,6 +249,23 @@ def _role_problems(report: Report) -> t.Iterator[Problem]:
         f" so: STALEGUARD_ROLE = {{{report['bind']!r}: 'any'}}.",
         "error" if report["role"] == "writer" else "warning",
     )
+
+
+def _read_bound_problems(report: Report) -> t.Iterator[Problem]:
+    # Known for PyMySQL only; a live connection says, whatever set it.
+    if report["driver"] != "pymysql" or report["server"] is None:
+        return
+    if report["read_timeout"] is None:
+        yield Problem(
+            NO_READ_BOUND,
+            report["bind"],
+            "PyMySQL waits for a reply for ever: a server that stops answering"
+            " mid-statement (a frozen host, a half-dead proxy) hangs the request,"
+            " as TCP keepalive cannot see it",
+            "Bound every reply with connect_args={'read_timeout': N}, N longer than"
+            " the slowest statement.",
+            "info",
+        )
 
 
 def _keepalive_problems(report: Report) -> t.Iterator[Problem]:

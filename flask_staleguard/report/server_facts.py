@@ -12,6 +12,7 @@ import typing as t
 
 import sqlalchemy as sa
 
+from .._private import pymysql_read_timeout
 from .._private import side_connection
 from ..core import probe
 from ..core.checkout import STATE
@@ -76,6 +77,8 @@ def _read(guard: PoolGuard, engine: sa.engine.Engine, process_list: bool) -> Rep
     notes: list[str] = []
     found: Report = {"notes": notes}
     try:
+        if engine.dialect.driver == "pymysql":
+            found["read_timeout"] = pymysql_read_timeout(dbapi_connection)
         fd = probe.socket_fd(dbapi_connection)
         found["liveness_probe"] = fd is not None
         if fd is not None:

@@ -165,6 +165,7 @@ def _guard_facts(guard: PoolGuard, pool: sa.pool.Pool) -> Report:
         "node_role": guard.node_role,
         "liveness_probe": None,
         "keepalive": None,
+        "read_timeout": None,
         "server": None,
         "connections": [],
         "notes": [],
