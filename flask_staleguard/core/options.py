@@ -47,7 +47,7 @@ class GuardOptions:
     leak_threshold: float | None = None
     #: Seconds of silence before a TCP keepalive probe; ``None``: the driver's.
     keepalive: float | None = 60.0
-    #: Which nodes its connections may be on: one of :data:`ROLES`.
+    #: Which nodes its connections may be on: one of ``ROLES``.
     role: str = "auto"
 
 
