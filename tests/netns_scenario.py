@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import typing as t
 
 import sqlalchemy as sa
@@ -87,6 +88,14 @@ def own_client_ports(server_port: int) -> list[int]:
             if peer[1] == server_port and state == _TCP_ESTABLISHED:
                 ports.add(sock.getsockname()[1])
     return sorted(ports)
+
+
+def where(thread: threading.Thread) -> str:
+    """The innermost frames of a running ``thread``'s stack: where it waits."""
+    frame = sys._current_frames().get(t.cast(int, thread.ident))
+    if frame is None:
+        return ""
+    return "".join(traceback.format_stack(frame)[-12:])
 
 
 def _run_tool(args: list[str]) -> str:
@@ -253,6 +262,8 @@ class Runner:
         if thread.is_alive():
             result["hung"] = True
             result["seconds"] = round(time.monotonic() - begun, 3)
+            # Where it waits: the one clue a hang in CI leaves.
+            result["where"] = where(thread)
         if timer is not None:
             timer.join(_TOOL_TIMEOUT)
         return result

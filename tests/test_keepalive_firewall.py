@@ -41,8 +41,13 @@ KEEPALIVE_WINDOW = KEEPALIVE + 3 * max(1, KEEPALIVE // 4)
 #: A request still running after this long hangs (the kernel would give up after
 #: about 15 minutes of retransmissions).
 WATCHDOG = 15.0
-#: A request on a healthy (or correctly replaced) connection takes far less.
-FAST = 1.0
+#: A request on a healthy (or correctly replaced) connection never waits for
+#: the kernel's verdict on a dead path: it takes milliseconds, and seconds on a
+#: loaded machine, never the keepalive window.
+FAST = KEEPALIVE_WINDOW
+#: What a loaded machine may add to a request's own work (Python, a new
+#: connection) on top of the kernel's timers, in the bounds that allow for it.
+SLACK = 5.0
 POOL_SIZE = 4
 
 MYSQL_ID = "SELECT CONNECTION_ID()"
@@ -74,8 +79,10 @@ def _dead_path_steps() -> list[dict[str, t.Any]]:
     ]
 
 
-#: The path dies this long into a 3 s statement.
+#: The path dies this long into a statement that lasts longer than the watchdog:
+#: however late a loaded machine drops it, the statement cannot finish first.
 DROP_AFTER = 0.5
+LONG = 2 * int(WATCHDOG)
 
 
 def _in_flight_steps(sleep_sql: str) -> list[dict[str, t.Any]]:
@@ -105,14 +112,18 @@ class Driver(t.NamedTuple):
     server: str  # "mariadb" or "postgres"
     scheme: str  # SQLAlchemy dialect+driver
     id_sql: str
-    sleep_sql: str  # a 3 s statement
+    sleep_sql: str  # a statement of LONG seconds
 
 
 DRIVERS = {
-    "pymysql": Driver("mariadb", "mysql+pymysql", MYSQL_ID, "SELECT SLEEP(3)"),
-    "mysqldb": Driver("mariadb", "mysql+mysqldb", MYSQL_ID, "SELECT SLEEP(3)"),
-    "psycopg": Driver("postgres", "postgresql+psycopg", PG_ID, "SELECT pg_sleep(3)"),
-    "psycopg2": Driver("postgres", "postgresql+psycopg2", PG_ID, "SELECT pg_sleep(3)"),
+    "pymysql": Driver("mariadb", "mysql+pymysql", MYSQL_ID, f"SELECT SLEEP({LONG})"),
+    "mysqldb": Driver("mariadb", "mysql+mysqldb", MYSQL_ID, f"SELECT SLEEP({LONG})"),
+    "psycopg": Driver(
+        "postgres", "postgresql+psycopg", PG_ID, f"SELECT pg_sleep({LONG})"
+    ),
+    "psycopg2": Driver(
+        "postgres", "postgresql+psycopg2", PG_ID, f"SELECT pg_sleep({LONG})"
+    ),
 }
 #: The drivers of the scenarios without a keepalive (that hang): one per server.
 HANG_DRIVERS = ["pymysql", "psycopg"]
@@ -160,7 +171,10 @@ def _specs(urls: dict[str, str]) -> dict[str, Spec]:
             driver, True, WITH_KEEPALIVE, sleep
         )
     specs["pymysql-in-flight-none"] = spec(
-        "pymysql", True, WITHOUT_KEEPALIVE, _in_flight_steps("SELECT SLEEP(3)")
+        "pymysql",
+        True,
+        WITHOUT_KEEPALIVE,
+        _in_flight_steps(DRIVERS["pymysql"].sleep_sql),
     )
     for name, config in (("keepalive", WITH_KEEPALIVE), ("none", WITHOUT_KEEPALIVE)):
         specs[f"pymysql-pre-ping-{name}"] = spec(
@@ -305,8 +319,10 @@ def test_statement_in_flight_fails_within_the_keepalive_window(
     assert cut["dropped"]["ports"], result  # its path did die
     assert not cut["ok"] and cut["error"], result
     # It failed once the kernel gave up on the path: about the keepalive window
-    # after the last byte received, not 15 minutes later.
-    assert DROP_AFTER < cut["seconds"] < DROP_AFTER + KEEPALIVE_WINDOW + 3, result
+    # after the drop (counted from when it was in place: iptables waits for its
+    # lock, longer on a loaded machine), not 15 minutes later.
+    dropped = cut["dropped"]["after"]
+    assert DROP_AFTER < cut["seconds"] < dropped + KEEPALIVE_WINDOW + SLACK, result
     following = requests(result, 1)
     all_fast_and_ok(following, result)
     assert {r["conn_id"] for r in following}.isdisjoint(
@@ -337,7 +353,7 @@ def test_pre_pings_ping_is_bounded_by_the_keepalive_window(
     assert not result["hung"] and request["ok"], result
     # The unanswered ping gave up after the window (TCP_USER_TIMEOUT), and
     # pre_ping reconnected: a slow request, not a hung or failed one.
-    assert request["seconds"] < KEEPALIVE_WINDOW + 3, result
+    assert request["seconds"] < KEEPALIVE_WINDOW + SLACK, result
     assert request["conn_id"] not in step(result, "warm")["conn_ids"], result
     print(f"pre_ping on a dead path answered after {request['seconds']} s")
 
