@@ -136,7 +136,8 @@ class Runner:
 
     Steps (``do`` names the method): ``warm`` (``n`` connections at once),
     ``idle`` (``seconds``), ``drop`` (DROP every connection this process has to
-    the server), ``conntrack`` (which of ours the firewall still tracks),
+    the server), ``dead`` (wait at most ``seconds`` until the kernel gave up on
+    all of them), ``conntrack`` (which of ours the firewall still tracks),
     ``request`` (``sql``, optional ``drop_after`` seconds, ``watchdog`` seconds,
     ``repeat`` times).
     """
@@ -194,6 +195,18 @@ class Runner:
     def do_idle(self, seconds: float) -> dict[str, t.Any]:
         time.sleep(seconds)
         return {}
+
+    def do_dead(self, seconds: float) -> dict[str, t.Any]:
+        """Wait until none of this process's connections to the server is
+        established any more (the kernel declared each dead), or ``seconds``.
+        """
+        begun = time.monotonic()
+        deadline = begun + seconds
+        left = own_client_ports(self.server_port)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = own_client_ports(self.server_port)
+        return {"seconds": round(time.monotonic() - begun, 3), "left": left}
 
     def do_drop(self) -> dict[str, t.Any]:
         ports = own_client_ports(self.server_port)
