@@ -475,6 +475,15 @@ class MariaDBServer(_PrivateServer):
             sock = Path(_make_temp_dir("sg-mariadb-")) / "mariadbd.sock"
         self.socket_path = sock
 
+    def _tmpdir(self) -> Path:
+        """The server's own tmpdir. In the shared /tmp, a MariaDB starting up
+        deletes every ``#sql*`` file, another server's bootstrap tables too, and
+        that server's mariadb-install-db fails.
+        """
+        tmpdir = self.basedir / "tmp"
+        tmpdir.mkdir(parents=True, exist_ok=True)
+        return tmpdir
+
     # -- addresses -----------------------------------------------------------
 
     @property
@@ -493,6 +502,7 @@ class MariaDBServer(_PrivateServer):
             "--no-defaults",
             "--user=root",
             f"--datadir={self.datadir}",
+            f"--tmpdir={self._tmpdir()}",
             "--auth-root-authentication-method=normal",
         ]
         self._run_setup_tool("mariadb-install-db", args)
@@ -507,6 +517,7 @@ class MariaDBServer(_PrivateServer):
             f"--bind-address={LOCALHOST}",
             f"--socket={self.socket_path}",
             f"--pid-file={self.pid_path}",
+            f"--tmpdir={self._tmpdir()}",
             "--skip-log-bin",
             *self.extra_args,
         ]
