@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import typing as t
 
 import sqlalchemy as sa
@@ -89,6 +90,14 @@ def own_client_ports(server_port: int) -> list[int]:
     return sorted(ports)
 
 
+def where(thread: threading.Thread) -> str:
+    """The innermost frames of a running ``thread``'s stack: where it waits."""
+    frame = sys._current_frames().get(t.cast(int, thread.ident))
+    if frame is None:
+        return ""
+    return "".join(traceback.format_stack(frame)[-12:])
+
+
 def _run_tool(args: list[str]) -> str:
     result = subprocess.run(
         args, capture_output=True, text=True, timeout=_TOOL_TIMEOUT, check=False
@@ -127,7 +136,8 @@ class Runner:
 
     Steps (``do`` names the method): ``warm`` (``n`` connections at once),
     ``idle`` (``seconds``), ``drop`` (DROP every connection this process has to
-    the server), ``conntrack`` (which of ours the firewall still tracks),
+    the server), ``dead`` (wait at most ``seconds`` until the kernel gave up on
+    all of them), ``conntrack`` (which of ours the firewall still tracks),
     ``request`` (``sql``, optional ``drop_after`` seconds, ``watchdog`` seconds,
     ``repeat`` times).
     """
@@ -185,6 +195,18 @@ class Runner:
     def do_idle(self, seconds: float) -> dict[str, t.Any]:
         time.sleep(seconds)
         return {}
+
+    def do_dead(self, seconds: float) -> dict[str, t.Any]:
+        """Wait until none of this process's connections to the server is
+        established any more (the kernel declared each dead), or ``seconds``.
+        """
+        begun = time.monotonic()
+        deadline = begun + seconds
+        left = own_client_ports(self.server_port)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = own_client_ports(self.server_port)
+        return {"seconds": round(time.monotonic() - begun, 3), "left": left}
 
     def do_drop(self) -> dict[str, t.Any]:
         ports = own_client_ports(self.server_port)
@@ -253,6 +275,8 @@ class Runner:
         if thread.is_alive():
             result["hung"] = True
             result["seconds"] = round(time.monotonic() - begun, 3)
+            # Where it waits: the one clue a hang in CI leaves.
+            result["where"] = where(thread)
         if timer is not None:
             timer.join(_TOOL_TIMEOUT)
         return result

@@ -105,6 +105,7 @@ class _Connection:
                         return
                     elif not self.dropping:
                         pending.append((time.monotonic() + delay, data))
+                        self.proxy.note_in_flight(len(pending))
                 if self.dropping:
                     # A black hole forwards nothing, not even a FIN; sockets stay open.
                     pending.clear()
@@ -187,6 +188,8 @@ class TcpProxy:
         self.close_on = close_on
         self.closes_left = closes
         self.connections_seen = 0
+        #: The most chunks one direction of a connection held back at once.
+        self.most_in_flight = 0
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._connections: list[_Connection] = []
@@ -208,6 +211,17 @@ class TcpProxy:
     def active_connections(self) -> int:
         with self._lock:
             return sum(not conn.closed for conn in self._connections)
+
+    @property
+    def dropping_connections(self) -> int:
+        """Current connections that forward nothing more (idle_drop, drop_on)."""
+        with self._lock:
+            return sum(conn.dropping for conn in self._connections)
+
+    def note_in_flight(self, chunks: int) -> None:
+        """Record that a pump holds ``chunks`` delayed chunks at once."""
+        with self._lock:  # both pumps of a connection report
+            self.most_in_flight = max(self.most_in_flight, chunks)
 
     def url_for(self, db_url: str) -> str:
         """The same SQLAlchemy URL, pointed at this proxy."""

@@ -475,6 +475,15 @@ class MariaDBServer(_PrivateServer):
             sock = Path(_make_temp_dir("sg-mariadb-")) / "mariadbd.sock"
         self.socket_path = sock
 
+    def _tmpdir(self) -> Path:
+        """The server's own tmpdir. In the shared /tmp, a MariaDB starting up
+        deletes every ``#sql*`` file, another server's bootstrap tables too, and
+        that server's mariadb-install-db fails.
+        """
+        tmpdir = self.basedir / "tmp"
+        tmpdir.mkdir(parents=True, exist_ok=True)
+        return tmpdir
+
     # -- addresses -----------------------------------------------------------
 
     @property

@@ -41,8 +41,13 @@ KEEPALIVE_WINDOW = KEEPALIVE + 3 * max(1, KEEPALIVE // 4)
 #: A request still running after this long hangs (the kernel would give up after
 #: about 15 minutes of retransmissions).
 WATCHDOG = 15.0
-#: A request on a healthy (or correctly replaced) connection takes far less.
-FAST = 1.0
+#: A request on a healthy (or correctly replaced) connection never waits for
+#: the kernel's verdict on a dead path: it takes milliseconds, and seconds on a
+#: loaded machine, never the keepalive window.
+FAST = KEEPALIVE_WINDOW
+#: What a loaded machine may add to a request's own work (Python, a new
+#: connection) on top of the kernel's timers, in the bounds that allow for it.
+SLACK = 5.0
 POOL_SIZE = 4
 
 MYSQL_ID = "SELECT CONNECTION_ID()"
@@ -65,17 +70,22 @@ def _idle_steps() -> list[dict[str, t.Any]]:
 
 
 def _dead_path_steps() -> list[dict[str, t.Any]]:
-    # Past the keepalive window, with a margin for the probes' timers.
+    # The requests come once the kernel has declared every pooled connection
+    # dead (an order, not a margin past the window that load could eat), or
+    # when it has not after the window and the slack: then they find the
+    # connections alive, as without the keepalive.
     return [
         {"do": "warm", "n": POOL_SIZE},
         {"do": "drop"},
-        {"do": "idle", "seconds": KEEPALIVE_WINDOW + 2},
+        {"do": "dead", "seconds": KEEPALIVE_WINDOW + SLACK},
         {"do": "request", "watchdog": WATCHDOG, "repeat": 2 * POOL_SIZE},
     ]
 
 
-#: The path dies this long into a 3 s statement.
+#: The path dies this long into a statement that lasts longer than the watchdog:
+#: however late a loaded machine drops it, the statement cannot finish first.
 DROP_AFTER = 0.5
+LONG = 2 * int(WATCHDOG)
 
 
 def _in_flight_steps(sleep_sql: str) -> list[dict[str, t.Any]]:
@@ -105,19 +115,23 @@ class Driver(t.NamedTuple):
     server: str  # "mariadb" or "postgres"
     scheme: str  # SQLAlchemy dialect+driver
     id_sql: str
-    sleep_sql: str  # a 3 s statement
+    sleep_sql: str  # a statement of LONG seconds
 
 
 DRIVERS = {
-    "pymysql": Driver("mariadb", "mysql+pymysql", MYSQL_ID, "SELECT SLEEP(3)"),
-    "mysqldb": Driver("mariadb", "mysql+mysqldb", MYSQL_ID, "SELECT SLEEP(3)"),
-    "psycopg": Driver("postgres", "postgresql+psycopg", PG_ID, "SELECT pg_sleep(3)"),
-    "psycopg2": Driver("postgres", "postgresql+psycopg2", PG_ID, "SELECT pg_sleep(3)"),
+    "pymysql": Driver("mariadb", "mysql+pymysql", MYSQL_ID, f"SELECT SLEEP({LONG})"),
+    "mysqldb": Driver("mariadb", "mysql+mysqldb", MYSQL_ID, f"SELECT SLEEP({LONG})"),
+    "psycopg": Driver(
+        "postgres", "postgresql+psycopg", PG_ID, f"SELECT pg_sleep({LONG})"
+    ),
+    "psycopg2": Driver(
+        "postgres", "postgresql+psycopg2", PG_ID, f"SELECT pg_sleep({LONG})"
+    ),
 }
 #: The drivers of the scenarios without a keepalive (that hang): one per server.
 HANG_DRIVERS = ["pymysql", "psycopg"]
 #: The drivers of the in-flight scenarios.
-IN_FLIGHT_DRIVERS = ["pymysql", "psycopg"]
+IN_FLIGHT_DRIVERS = ["pymysql", "psycopg", "psycopg2"]
 
 
 def _specs(urls: dict[str, str]) -> dict[str, Spec]:
@@ -160,7 +174,10 @@ def _specs(urls: dict[str, str]) -> dict[str, Spec]:
             driver, True, WITH_KEEPALIVE, sleep
         )
     specs["pymysql-in-flight-none"] = spec(
-        "pymysql", True, WITHOUT_KEEPALIVE, _in_flight_steps("SELECT SLEEP(3)")
+        "pymysql",
+        True,
+        WITHOUT_KEEPALIVE,
+        _in_flight_steps(DRIVERS["pymysql"].sleep_sql),
     )
     for name, config in (("keepalive", WITH_KEEPALIVE), ("none", WITHOUT_KEEPALIVE)):
         specs[f"pymysql-pre-ping-{name}"] = spec(
@@ -275,18 +292,27 @@ def test_path_dead_in_the_pool_costs_no_request(
     result = scenarios[f"{driver}-dead-path-keepalive"].result()
     warm = step(result, "warm")
     assert step(result, "drop")["ports"] == sorted(warm["ports"]), result
+    # The kernel gave up on every pooled connection within the window (and
+    # the slack for noticing it), before any request.
+    dead = step(result, "dead")
+    assert dead["left"] == [], result
     done = requests(result)
     all_fast_and_ok(done, result)
     # Every pooled connection was dead and replaced, without a round trip.
     assert not {r["conn_id"] for r in done} & set(warm["conn_ids"]), result
     assert replaced(result) == {"probe_timed_out": POOL_SIZE}, result
-    print(f"{driver}: requests after the path died: {[r['seconds'] for r in done]}")
+    print(
+        f"{driver}: dead {dead['seconds']} s after the drop; requests then:"
+        f" {[r['seconds'] for r in done]}"
+    )
 
 
 def test_path_dead_in_the_pool_hangs_without_keepalive(
     scenarios: dict[str, Scenario],
 ) -> None:
     result = scenarios["pymysql-dead-path-none"].result()
+    # Nothing told the kernel the path had died: every connection looked alive.
+    assert step(result, "dead")["left"] == sorted(step(result, "warm")["ports"])
     [request] = requests(result)
     assert result["hung"] and request["hung"], result
     assert replaced(result) == {}, result
@@ -305,8 +331,10 @@ def test_statement_in_flight_fails_within_the_keepalive_window(
     assert cut["dropped"]["ports"], result  # its path did die
     assert not cut["ok"] and cut["error"], result
     # It failed once the kernel gave up on the path: about the keepalive window
-    # after the last byte received, not 15 minutes later.
-    assert DROP_AFTER < cut["seconds"] < DROP_AFTER + KEEPALIVE_WINDOW + 3, result
+    # after the drop (counted from when it was in place: iptables waits for its
+    # lock, longer on a loaded machine), not 15 minutes later.
+    dropped = cut["dropped"]["after"]
+    assert DROP_AFTER < cut["seconds"] < dropped + KEEPALIVE_WINDOW + SLACK, result
     following = requests(result, 1)
     all_fast_and_ok(following, result)
     assert {r["conn_id"] for r in following}.isdisjoint(
@@ -337,7 +365,7 @@ def test_pre_pings_ping_is_bounded_by_the_keepalive_window(
     assert not result["hung"] and request["ok"], result
     # The unanswered ping gave up after the window (TCP_USER_TIMEOUT), and
     # pre_ping reconnected: a slow request, not a hung or failed one.
-    assert request["seconds"] < KEEPALIVE_WINDOW + 3, result
+    assert request["seconds"] < KEEPALIVE_WINDOW + SLACK, result
     assert request["conn_id"] not in step(result, "warm")["conn_ids"], result
     print(f"pre_ping on a dead path answered after {request['seconds']} s")
 
