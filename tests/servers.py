@@ -522,14 +522,6 @@ class MariaDBServer(_PrivateServer):
             *self.extra_args,
         ]
 
-    def _tmpdir(self) -> Path:
-        """A temporary directory of its own: servers that share /tmp can trip on
-        each other's temporary table files.
-        """
-        path = self.basedir / "tmp"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
     def _probe(self) -> None:
         self._connect(database=None, connect_timeout=1).close()
 
