@@ -184,6 +184,26 @@ def test_keepalive_and_user_options(
     assert protection.guard.applied == {}
 
 
+def test_a_connection_pooled_before_protect_gets_keepalive_too(
+    mariadb_url: str, engines: list[sa.engine.Engine]
+) -> None:
+    engine = engine_for(mariadb_url, engines)
+    engine.connect().close()  # pooled before the guard: no connect listener ran
+    protect(engine, keepalive=9)
+
+    def keepalive() -> t.Any:
+        with engine.connect() as conn:
+            fd = probe.socket_fd(conn.connection.dbapi_connection)
+            assert fd is not None
+            with probe.borrowed(fd) as sock:
+                return read_keepalive(sock)
+
+    first = keepalive()  # the same connection: taken over at this checkin
+    assert first is None or first["idle"] != 9
+    found = keepalive()
+    assert found is not None and found["idle"] == 9
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

@@ -290,6 +290,10 @@ class CheckoutChecks:
                 state = record.info[STATE] = self.state(
                     dbapi_connection, self._budget.seconds
                 )
+                if self.keepalive is not None:
+                    # Its connect listener never ran: without this it would keep
+                    # the system's keepalive (none for two hours) all its life.
+                    self._set_keepalive(dbapi_connection, self.keepalive)
             state.returned = self._clock()
 
     def _retrying(self, proxy: t.Any, error: DisconnectionError) -> DisconnectionError:
