@@ -23,6 +23,7 @@ from .discovery import flavor
 from .guard import PoolGuard
 from .options import choice
 from .options import GuardOptions
+from .options import lifetime_seconds
 from .options import seconds
 from .options import STRATEGIES
 from .redact import Secrets
@@ -40,6 +41,7 @@ OPTIONS = (
     "discovery_timeout",
     "leak_threshold",
     "keepalive",
+    "max_lifetime",
 )
 
 #: What a pool does when it was not told otherwise: the user's own values win.
@@ -90,6 +92,9 @@ def guard_options(options: t.Mapping[str, t.Any]) -> GuardOptions:
         keepalive=seconds(
             "keepalive", get("keepalive", defaults.keepalive), optional=True
         ),
+        max_lifetime=lifetime_seconds(
+            "max_lifetime", get("max_lifetime", defaults.max_lifetime)
+        ),
     )
 
 
@@ -100,8 +105,9 @@ def protect(
 
     :param name: The pool's name in logs; the URL's database by default.
     :param options: ``strategy``, ``idle_timeout``, ``server_timeout``,
-        ``margin``, ``discovery_timeout``, ``leak_threshold``, ``keepalive``:
-        the ``STALEGUARD_*`` keys of the same names, validated the same way.
+        ``margin``, ``discovery_timeout``, ``leak_threshold``, ``keepalive``,
+        ``max_lifetime``: the ``STALEGUARD_*`` keys of the same names, validated
+        the same way.
 
     Nothing is asked of the server here: the first connection says its idle
     timeout (until then, the server's default is assumed), so this never blocks.

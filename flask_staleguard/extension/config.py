@@ -15,6 +15,7 @@ import typing as t
 from ..core.options import choice
 from ..core.options import GuardOptions
 from ..core.options import LEAK_POLICIES
+from ..core.options import lifetime_seconds
 from ..core.options import seconds
 from ..core.options import STRATEGIES
 from ..errors import ConfigError
@@ -52,6 +53,12 @@ LEAK_THRESHOLD = "STALEGUARD_LEAK_THRESHOLD"
 #: shorter ``STALEGUARD_IDLE_TIMEOUT`` brings the first probe to half of it.
 #: ``None`` leaves the driver's socket options alone.
 KEEPALIVE = "STALEGUARD_KEEPALIVE"
+#: Seconds a pooled connection may live under the ``"guard"`` strategy, at most
+#: 7200 (Flask-SQLAlchemy's own ``pool_recycle`` on MySQL). Each connection draws
+#: its own lifetime at connect, 75 to 100 % of this; one past it is replaced at
+#: checkout, never while in use. The backstop for what no check can see: an old
+#: node that still answers after a fail-over.
+MAX_LIFETIME = "STALEGUARD_MAX_LIFETIME"
 
 #: The defaults, applied with ``app.config.setdefault`` at ``init_app``.
 DEFAULTS: dict[str, t.Any] = {
@@ -63,6 +70,7 @@ DEFAULTS: dict[str, t.Any] = {
     LEAKS: "reclaim",
     LEAK_THRESHOLD: None,
     KEEPALIVE: 60.0,
+    MAX_LIFETIME: GuardOptions.max_lifetime,
 }
 
 #: A bind key: ``None`` is Flask-SQLAlchemy's default bind.
@@ -91,6 +99,7 @@ class Settings:
     leaks: str = "reclaim"
     leak_threshold: float | None = None
     keepalive: float | None = 60.0
+    max_lifetime: float = GuardOptions.max_lifetime
 
     def idle_timeout_for(self, bind: BindKey) -> float | None:
         """The declared middlebox idle timer for ``bind``, if any."""
@@ -111,6 +120,7 @@ class Settings:
             leaks=self.leaks,
             leak_threshold=self.leak_threshold,
             keepalive=self.keepalive,
+            max_lifetime=self.max_lifetime,
         )
 
     def for_binds(self, binds: t.Iterable[BindKey]) -> Settings:
@@ -187,6 +197,7 @@ def load_settings(config: t.Mapping[str, t.Any]) -> Settings:
         leaks=choice(LEAKS, get[LEAKS], LEAK_POLICIES),
         leak_threshold=seconds(LEAK_THRESHOLD, get[LEAK_THRESHOLD], optional=True),
         keepalive=seconds(KEEPALIVE, get[KEEPALIVE], optional=True),
+        max_lifetime=lifetime_seconds(MAX_LIFETIME, get[MAX_LIFETIME]),
     )
 
 
