@@ -1,7 +1,8 @@
 """The checks at checkout: keep a stale connection from the app, with no round trip.
 
 At checkout, a pooled connection is replaced before the app sees it when it idled
-past its budget, or when its socket shows the other side closed it. Replacing
+past its budget, outlived its lifetime, or when its socket shows the other side
+closed it. Replacing
 means raising :class:`~sqlalchemy.exc.DisconnectionError` from the ``checkout``
 event: SQLAlchemy then discards the connection and opens a new one, once. A brand
 new connection is rejected only when its socket shows it is already gone: the
@@ -11,6 +12,7 @@ one retry is not spent on a guess.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import typing as t
@@ -27,6 +29,8 @@ from .discovery import session_idle_timeout
 from .holders import Holders
 from .keepalive import Keepalive
 from .keepalive import set_keepalive
+from .lifetime import born
+from .lifetime import lifetime
 
 logger = logging.getLogger("flask_staleguard")
 
@@ -50,7 +54,7 @@ os.register_at_fork(after_in_child=_note_fork)
 class ConnectionState:
     """What the guard knows about one pooled DBAPI connection."""
 
-    __slots__ = ("pid", "budget", "probe", "tls", "returned", "idle")
+    __slots__ = ("pid", "budget", "probe", "tls", "returned", "idle", "expires")
 
     def __init__(
         self,
@@ -58,6 +62,7 @@ class ConnectionState:
         budget: float,
         socket_probe: probe.SocketProbe | None,
         tls: bool | None = None,
+        expires: float = math.inf,
     ) -> None:
         #: The process that opened it.
         self.pid = pid
@@ -71,6 +76,9 @@ class ConnectionState:
         self.returned: float | None = None
         #: Seconds it had idled before its latest checkout.
         self.idle: float | None = None
+        #: The ``time.monotonic()`` past which it is replaced at checkout for its
+        #: age; infinite where no lifetime applies.
+        self.expires = expires
 
 
 #: Replaces a connection: counts, logs and signals ``reason`` and returns the
@@ -82,7 +90,8 @@ class CheckoutChecks:
     """The ``connect``, ``checkout`` and ``checkin`` listeners of one pool.
 
     Every strategy but ``"off"`` learns each new connection's idle timeout and
-    times its idling; ``"guard"`` also checks it at checkout. Connections from
+    times its idling; ``"guard"`` also checks it at checkout, and gives it a
+    lifetime (``max_lifetime``: its jittered maximum). Connections from
     before a fork are dropped in every strategy. The same two listeners tell
     ``holders`` who holds what: SQLAlchemy's dispatch of each pool listener costs
     about as much as the checks themselves.
@@ -101,6 +110,7 @@ class CheckoutChecks:
         holders: Holders,
         clock: t.Callable[[], float] = time.monotonic,
         keepalive: Keepalive | None = None,
+        max_lifetime: float = 1800.0,
     ) -> None:
         self._name = name
         self._kind = kind
@@ -119,6 +129,8 @@ class CheckoutChecks:
         self._clock = clock
         #: The TCP keepalive every new connection gets; ``None``: the driver's.
         self.keepalive = keepalive
+        #: Seconds a connection may live under ``"guard"``, before its jitter.
+        self.max_lifetime = max_lifetime
         self._told_hidden = False
         #: ``id()`` of the proxies whose checkout this pool already failed once:
         #: SQLAlchemy retries a checkout once, with a brand new connection.
@@ -157,7 +169,7 @@ class CheckoutChecks:
                 budget = self._budget.for_timeout(timeout)
                 if self._budget.is_news(timeout):
                     self._learn(timeout)
-        state = record.info[STATE] = self.state(dbapi_connection, budget)
+        state = record.info[STATE] = self.state(dbapi_connection, record, budget)
         if self._guarding and state.probe is None:
             self._tell_hidden()
 
@@ -210,14 +222,20 @@ class CheckoutChecks:
                     ) from None
                 raise
 
-    def state(self, dbapi_connection: t.Any, budget: float) -> ConnectionState:
-        """A new connection's state: its budget and, to guard it, its socket."""
+    def state(
+        self, dbapi_connection: t.Any, record: t.Any, budget: float
+    ) -> ConnectionState:
+        """A new connection's state: its budget and, to guard it, its socket and
+        the end of its lifetime.
+        """
         socket_probe = None
         tls = None
+        expires = math.inf
         if self._guarding:
             socket_probe = probe.probe_for(dbapi_connection)
             tls = probe.uses_tls(dbapi_connection)
-        return ConnectionState(_pid, budget, socket_probe, tls)
+            expires = born(record, self._clock()) + lifetime(self.max_lifetime)
+        return ConnectionState(_pid, budget, socket_probe, tls, expires)
 
     # The two listeners below run for every checkout: every attribute lookup and
     # call counts, so they are written flat.
@@ -253,6 +271,11 @@ class CheckoutChecks:
                     if idle > state.budget:
                         error = self._replace("idle_budget", idle, "")
                         raise self._retrying(proxy, error)
+                    # The backstop for what no check sees (an old node that still
+                    # answers); only here, so never a connection in use or new.
+                    if now > state.expires:
+                        error = self._replace("max_lifetime", idle, "")
+                        raise self._retrying(proxy, error)
                     socket_probe = state.probe
                     # poll(0) is the whole check when the socket is quiet, as it
                     # is for a live idle connection: called directly, no frame.
@@ -274,7 +297,7 @@ class CheckoutChecks:
             state = record.info.get(STATE)
             if state is None:  # opened before the guard attached to its engine
                 state = record.info[STATE] = self.state(
-                    dbapi_connection, self._budget.seconds
+                    dbapi_connection, record, self._budget.seconds
                 )
             state.returned = self._clock()
 
