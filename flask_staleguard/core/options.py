@@ -47,7 +47,7 @@ class GuardOptions:
     #: Seconds of silence before a TCP keepalive probe; ``None``: the driver's.
     keepalive: float | None = 60.0
     #: Seconds a connection may live; each draws its own, 75 to 100 % of this.
-    #: HikariCP's ``maxLifetime`` default; at most :data:`MAX_LIFETIME`.
+    #: HikariCP's ``maxLifetime`` default; at most ``MAX_LIFETIME`` (7200).
     max_lifetime: float = 1800.0
 
 
@@ -93,7 +93,7 @@ def seconds(
 
 
 def lifetime_seconds(name: str, value: object) -> float:
-    """``value`` as a connection's maximum lifetime, in (0, :data:`MAX_LIFETIME`]
+    """``value`` as a connection's maximum lifetime, in (0, ``MAX_LIFETIME``]
     seconds, or :class:`ConfigError`.
     """
     return t.cast(
