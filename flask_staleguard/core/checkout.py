@@ -2,11 +2,10 @@
 
 At checkout, a pooled connection is replaced before the app sees it when it idled
 past its budget, outlived its lifetime, or when its socket shows the other side
-closed it. Replacing
-means raising :class:`~sqlalchemy.exc.DisconnectionError` from the ``checkout``
-event: SQLAlchemy then discards the connection and opens a new one, once. A brand
-new connection is rejected only when its socket shows it is already gone: the
-one retry is not spent on a guess.
+closed it. Replacing means raising :class:`~sqlalchemy.exc.DisconnectionError`
+from the ``checkout`` event: SQLAlchemy then discards the connection and opens a
+new one, once. A brand new connection is rejected only when its socket shows it
+is already gone: the one retry is not spent on a guess.
 """
 
 from __future__ import annotations
