@@ -27,6 +27,8 @@ from tests.helpers import FakeClock
 from tests.helpers import MYSQL_ID
 from tests.helpers import pool_json
 from tests.helpers import replaced
+from tests.proxies import TcpProxy
+from tests.servers import MariaDBServer
 
 #: The shared server's wait_timeout: the idle budget never acts here.
 SERVER_TIMEOUT = 28800
@@ -121,6 +123,40 @@ def test_a_brand_new_connection_is_never_judged_by_its_age(
     assert guard.stats.snapshot()["replaced"] == {}
     assert engine_connection_id(engine) != first  # judged once it idled
     assert guard.stats.snapshot()["replaced"] == {"max_lifetime": 1}
+
+
+def test_a_busy_pool_leaves_an_old_node_that_still_answers(
+    mariadb_url: str, mariadb: MariaDBServer
+) -> None:
+    # A proxy in front of the shared server is moved to the private one, as a
+    # rebalanced proxy or a DNS change moves new connections: the old node's
+    # connections are alive and quiet, so neither the idle budget nor the probe
+    # has anything to see. Only SELECTs reach either server.
+    old = sa.make_url(mariadb_url).port
+    with TcpProxy("127.0.0.1", t.cast(int, old)) as proxy:
+        engine = sa.create_engine(
+            f"mysql+pymysql://root@127.0.0.1:{proxy.port}/", pool_size=2
+        )
+        try:
+            clock = FakeClock()
+            guard = guarded(engine, clock, 100, "guard")
+
+            def port() -> int:
+                with engine.connect() as conn:
+                    return int(conn.execute(sa.text("SELECT @@port")).scalar_one())
+
+            assert port() == old
+            proxy.target_port = mariadb.port  # the fail-over
+            seen = []
+            for _ in range(14):  # 70 s of constant use: younger than any lifetime
+                clock.advance(5)
+                seen.append(port())
+            assert set(seen) == {old}
+            clock.advance(31)  # past every lifetime, never idle more than 31 s
+            assert port() == mariadb.port
+            assert guard.stats.snapshot()["replaced"] == {"max_lifetime": 1}
+        finally:
+            engine.dispose()
 
 
 @pytest.mark.parametrize("strategy", ["recycle", "pre_ping", "off"])
