@@ -41,6 +41,7 @@ BIND_KEYS = {
     "server_timeout_source",
     "idle_timeout",
     "idle_budget",
+    "max_lifetime",
     "pool_recycle",
     "pre_ping",
     "applied",
@@ -187,6 +188,7 @@ def test_pool_table_flags_idle_past_budget_and_missing_privilege(
         "  Idle budget          0.9 s (server timeout 1 s, STALEGUARD_SERVER_TIMEOUT)"
         in lines
     )
+    assert "  Max lifetime         1800 s (each connection 1350 s to 1800 s)" in lines
     assert "  wait_timeout         28800 s (session), 28800 s (global)" in lines
     # In process, the guard's counters are shown.
     assert any(line.startswith("  Stats ") and "1 checkouts" in line for line in lines)

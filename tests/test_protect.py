@@ -211,6 +211,12 @@ def test_a_connection_pooled_before_protect_gets_keepalive_too(
         ({"idle_timout": 5}, "unknown option 'idle_timout'; it takes: strategy,"),
         ({"keepalive": 0}, "keepalive is 0; expected a number of seconds"),
         ({"role": "primary"}, "role is 'primary'; accepted values are: 'auto',"),
+        ({"max_lifetime": 0}, "max_lifetime is 0; expected a number of seconds"),
+        ({"max_lifetime": -1}, "max_lifetime is -1; expected a number of seconds"),
+        ({"max_lifetime": 7201}, "max_lifetime is 7201; .* at most 7200 (Flask-"),
+        ({"max_lifetime": True}, "max_lifetime is True; expected a number of"),
+        ({"max_lifetime": "x"}, "max_lifetime is 'x'; expected a number of"),
+        ({"max_lifetime": None}, "max_lifetime is None; expected a number of"),
         ({"leaks": "raise"}, "no 'leaks' option: leaks are judged when an app"),
     ],
 )

@@ -26,6 +26,7 @@ def test_values_are_read() -> None:
             "STALEGUARD_MARGIN": 0,
             "STALEGUARD_LEAKS": "warn",
             "STALEGUARD_LEAK_THRESHOLD": 30,
+            "STALEGUARD_MAX_LIFETIME": 7200,
         }
     )
     assert settings.strategy == "pre_ping"
@@ -37,6 +38,9 @@ def test_values_are_read() -> None:
     assert settings.margin == 0.0
     assert settings.leaks == "warn"
     assert settings.leak_threshold == 30.0
+    assert settings.max_lifetime == 7200.0
+    assert settings.options_for(None).max_lifetime == 7200.0
+    assert load_settings({}).options_for(None).max_lifetime == 1800.0
 
 
 @pytest.mark.parametrize(
@@ -101,6 +105,48 @@ def test_values_are_read() -> None:
             {"reports": None},
             "STALEGUARD_ROLE['reports'] is None; accepted values are:"
             " 'auto', 'writer', 'any'.",
+        ),
+        (
+            "STALEGUARD_MAX_LIFETIME",
+            0,
+            "STALEGUARD_MAX_LIFETIME is 0; expected a number of seconds more than 0"
+            " and at most 7200 (Flask-SQLAlchemy's own pool_recycle on MySQL).",
+        ),
+        (
+            "STALEGUARD_MAX_LIFETIME",
+            -5,
+            "STALEGUARD_MAX_LIFETIME is -5; expected a number of seconds more than 0"
+            " and at most 7200 (Flask-SQLAlchemy's own pool_recycle on MySQL).",
+        ),
+        (
+            "STALEGUARD_MAX_LIFETIME",
+            7201,
+            "STALEGUARD_MAX_LIFETIME is 7201; expected a number of seconds more than 0"
+            " and at most 7200 (Flask-SQLAlchemy's own pool_recycle on MySQL).",
+        ),
+        (
+            "STALEGUARD_MAX_LIFETIME",
+            7200.5,
+            "STALEGUARD_MAX_LIFETIME is 7200.5; expected a number of seconds more than"
+            " 0 and at most 7200 (Flask-SQLAlchemy's own pool_recycle on MySQL).",
+        ),
+        (
+            "STALEGUARD_MAX_LIFETIME",
+            True,
+            "STALEGUARD_MAX_LIFETIME is True; expected a number of seconds more than 0"
+            " and at most 7200 (Flask-SQLAlchemy's own pool_recycle on MySQL).",
+        ),
+        (
+            "STALEGUARD_MAX_LIFETIME",
+            "x",
+            "STALEGUARD_MAX_LIFETIME is 'x'; expected a number of seconds more than 0"
+            " and at most 7200 (Flask-SQLAlchemy's own pool_recycle on MySQL).",
+        ),
+        (
+            "STALEGUARD_MAX_LIFETIME",
+            None,
+            "STALEGUARD_MAX_LIFETIME is None; expected a number of seconds more than 0"
+            " and at most 7200 (Flask-SQLAlchemy's own pool_recycle on MySQL).",
         ),
         (
             "STALEGUARD_IDLE_TIMEOUT",

@@ -1,16 +1,17 @@
 """The checks at checkout: keep a stale connection from the app, with no round trip.
 
 At checkout, a pooled connection is replaced before the app sees it when it idled
-past its budget, or when its socket shows the other side closed it. Replacing
-means raising :class:`~sqlalchemy.exc.DisconnectionError` from the ``checkout``
-event: SQLAlchemy then discards the connection and opens a new one, once. A brand
-new connection is rejected only when its socket shows it is already gone: the
-one retry is not spent on a guess.
+past its budget, outlived its lifetime, or when its socket shows the other side
+closed it. Replacing means raising :class:`~sqlalchemy.exc.DisconnectionError`
+from the ``checkout`` event: SQLAlchemy then discards the connection and opens a
+new one, once. A brand new connection is rejected only when its socket shows it
+is already gone: the one retry is not spent on a guess.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import typing as t
@@ -28,6 +29,8 @@ from .discovery import NodeFacts
 from .holders import Holders
 from .keepalive import Keepalive
 from .keepalive import set_keepalive
+from .lifetime import born
+from .lifetime import lifetime
 
 logger = logging.getLogger("flask_staleguard")
 
@@ -51,7 +54,16 @@ os.register_at_fork(after_in_child=_note_fork)
 class ConnectionState:
     """What the guard knows about one pooled DBAPI connection."""
 
-    __slots__ = ("pid", "budget", "probe", "tls", "returned", "idle", "read_only")
+    __slots__ = (
+        "pid",
+        "budget",
+        "probe",
+        "tls",
+        "returned",
+        "idle",
+        "read_only",
+        "expires",
+    )
 
     def __init__(
         self,
@@ -60,6 +72,7 @@ class ConnectionState:
         socket_probe: probe.SocketProbe | None,
         tls: bool | None = None,
         read_only: bool | None = None,
+        expires: float = math.inf,
     ) -> None:
         #: The process that opened it.
         self.pid = pid
@@ -75,6 +88,9 @@ class ConnectionState:
         self.idle: float | None = None
         #: Whether its node refused writes when it was opened; ``None``: unknown.
         self.read_only = read_only
+        #: The ``time.monotonic()`` past which it is replaced at checkout for its
+        #: age; infinite where no lifetime applies.
+        self.expires = expires
 
 
 #: Replaces a connection: counts, logs and signals ``reason`` and returns the
@@ -86,7 +102,8 @@ class CheckoutChecks:
     """The ``connect``, ``checkout`` and ``checkin`` listeners of one pool.
 
     Every strategy but ``"off"`` learns each new connection's idle timeout and
-    times its idling; ``"guard"`` also checks it at checkout. Connections from
+    times its idling; ``"guard"`` also checks it at checkout, and gives it a
+    lifetime (``max_lifetime``: its jittered maximum). Connections from
     before a fork are dropped in every strategy. The same two listeners tell
     ``holders`` who holds what: SQLAlchemy's dispatch of each pool listener costs
     about as much as the checks themselves.
@@ -105,6 +122,7 @@ class CheckoutChecks:
         holders: Holders,
         clock: t.Callable[[], float] = time.monotonic,
         keepalive: Keepalive | None = None,
+        max_lifetime: float = 1800.0,
     ) -> None:
         self._name = name
         self._kind = kind
@@ -123,6 +141,8 @@ class CheckoutChecks:
         self._clock = clock
         #: The TCP keepalive every new connection gets; ``None``: the driver's.
         self.keepalive = keepalive
+        #: Seconds a connection may live under ``"guard"``, before its jitter.
+        self.max_lifetime = max_lifetime
         self._told_hidden = False
         #: ``id()`` of the proxies whose checkout this pool already failed once:
         #: SQLAlchemy retries a checkout once, with a brand new connection.
@@ -167,7 +187,9 @@ class CheckoutChecks:
                     self.read_only = read_only
                 if self._budget.is_news(timeout):
                     self._learn(timeout)
-        state = record.info[STATE] = self.state(dbapi_connection, budget, read_only)
+        state = record.info[STATE] = self.state(
+            dbapi_connection, record, budget, read_only
+        )
         if self._guarding and state.probe is None:
             self._tell_hidden()
 
@@ -221,17 +243,23 @@ class CheckoutChecks:
                 raise
 
     def state(
-        self, dbapi_connection: t.Any, budget: float, read_only: bool | None = None
+        self,
+        dbapi_connection: t.Any,
+        record: t.Any,
+        budget: float,
+        read_only: bool | None = None,
     ) -> ConnectionState:
         """A new connection's state: its budget, its node's role and, to guard
-        it, its socket.
+        it, its socket and the end of its lifetime.
         """
         socket_probe = None
         tls = None
+        expires = math.inf
         if self._guarding:
             socket_probe = probe.probe_for(dbapi_connection)
             tls = probe.uses_tls(dbapi_connection)
-        return ConnectionState(_pid, budget, socket_probe, tls, read_only)
+            expires = born(record, self._clock()) + lifetime(self.max_lifetime)
+        return ConnectionState(_pid, budget, socket_probe, tls, read_only, expires)
 
     # The two listeners below run for every checkout: every attribute lookup and
     # call counts, so they are written flat.
@@ -267,6 +295,11 @@ class CheckoutChecks:
                     if idle > state.budget:
                         error = self._replace("idle_budget", idle, "")
                         raise self._retrying(proxy, error)
+                    # The backstop for what no check sees (an old node that still
+                    # answers); only here, so never a connection in use or new.
+                    if now > state.expires:
+                        error = self._replace("max_lifetime", idle, "")
+                        raise self._retrying(proxy, error)
                     socket_probe = state.probe
                     # poll(0) is the whole check when the socket is quiet, as it
                     # is for a live idle connection: called directly, no frame.
@@ -288,7 +321,7 @@ class CheckoutChecks:
             state = record.info.get(STATE)
             if state is None:  # opened before the guard attached to its engine
                 state = record.info[STATE] = self.state(
-                    dbapi_connection, self._budget.seconds
+                    dbapi_connection, record, self._budget.seconds
                 )
                 if self.keepalive is not None:
                     # Its connect listener never ran: without this it would keep

@@ -113,6 +113,7 @@ class PoolGuard:
             self.holders,
             clock,
             self.keepalive,
+            options.max_lifetime,
         )
         self._reports = DisconnectReports(
             self, kind, self.strategy, self.idle, self.stats

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing as t
 
 from ..errors import ConfigError
 
@@ -26,6 +27,9 @@ LEAK_POLICIES = ("warn", "reclaim", "raise")
 #: The longest span any option accepts: a year, in seconds (what PyMySQL allows
 #: for its connect timeout). Longer is a mistake, and would break the drivers.
 MAX_SECONDS = 365 * 24 * 3600
+#: The longest connection lifetime: Flask-SQLAlchemy's own ``pool_recycle`` on
+#: MySQL. Longer would keep a connection on an old node longer than no guard does.
+MAX_LIFETIME = 7200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +53,9 @@ class GuardOptions:
     keepalive: float | None = 60.0
     #: Which nodes its connections may be on: one of ``ROLES``.
     role: str = "auto"
+    #: Seconds a connection may live; each draws its own, 75 to 100 % of this.
+    #: HikariCP's ``maxLifetime`` default; at most ``MAX_LIFETIME`` (7200).
+    max_lifetime: float = 1800.0
 
 
 def choice(name: str, value: object, accepted: tuple[str, ...]) -> str:
@@ -63,11 +70,18 @@ def choice(name: str, value: object, accepted: tuple[str, ...]) -> str:
 
 
 def seconds(
-    name: str, value: object, *, optional: bool = False, zero: bool = False
+    name: str,
+    value: object,
+    *,
+    optional: bool = False,
+    zero: bool = False,
+    most: int = MAX_SECONDS,
+    why: str = "a year",
 ) -> float | None:
     """``value`` as seconds in (0, a year], or :class:`ConfigError`.
 
-    ``optional`` admits ``None``; ``zero`` admits 0.
+    ``optional`` admits ``None``; ``zero`` admits 0; ``most`` lowers the cap,
+    which the error explains with ``why``.
     """
     if value is None and optional:
         return None
@@ -75,13 +89,28 @@ def seconds(
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         # An int beyond a float's range (10**400) cannot be seconds either.
         number = float(value) if abs(value) <= MAX_SECONDS else math.inf
-        if math.isfinite(number) and (number > 0 or (zero and number == 0)):
+        if number <= most and (number > 0 or (zero and number == 0)):
             return number
     lower = "0 or more" if zero else "more than 0"
     also = ", or None" if optional else ""
     raise ConfigError(
         f"{name} is {_shown(value)}; expected a number of seconds {lower} and at"
-        f" most {MAX_SECONDS} (a year){also}."
+        f" most {most} ({why}){also}."
+    )
+
+
+def lifetime_seconds(name: str, value: object) -> float:
+    """``value`` as a connection's maximum lifetime, in (0, ``MAX_LIFETIME``]
+    seconds, or :class:`ConfigError`.
+    """
+    return t.cast(
+        float,
+        seconds(
+            name,
+            value,
+            most=MAX_LIFETIME,
+            why="Flask-SQLAlchemy's own pool_recycle on MySQL",
+        ),
     )
 
 

@@ -23,6 +23,7 @@ from .discovery import flavor
 from .guard import PoolGuard
 from .options import choice
 from .options import GuardOptions
+from .options import lifetime_seconds
 from .options import ROLES
 from .options import seconds
 from .options import STRATEGIES
@@ -42,6 +43,7 @@ OPTIONS = (
     "leak_threshold",
     "keepalive",
     "role",
+    "max_lifetime",
 )
 
 #: What a pool does when it was not told otherwise: the user's own values win.
@@ -93,6 +95,9 @@ def guard_options(options: t.Mapping[str, t.Any]) -> GuardOptions:
             "keepalive", get("keepalive", defaults.keepalive), optional=True
         ),
         role=choice("role", get("role", defaults.role), ROLES),
+        max_lifetime=lifetime_seconds(
+            "max_lifetime", get("max_lifetime", defaults.max_lifetime)
+        ),
     )
 
 
@@ -104,8 +109,8 @@ def protect(
     :param name: The pool's name in logs; the URL's database by default.
     :param options: ``strategy``, ``idle_timeout``, ``server_timeout``,
         ``margin``, ``discovery_timeout``, ``leak_threshold``, ``keepalive``,
-        ``role``:
-        the ``STALEGUARD_*`` keys of the same names, validated the same way.
+        ``role``, ``max_lifetime``: the ``STALEGUARD_*`` keys of the same names,
+        validated the same way.
 
     Nothing is asked of the server here: the first connection says its idle
     timeout (until then, the server's default is assumed), so this never blocks.

@@ -15,6 +15,7 @@ import typing as t
 from ..core.options import choice
 from ..core.options import GuardOptions
 from ..core.options import LEAK_POLICIES
+from ..core.options import lifetime_seconds
 from ..core.options import ROLES
 from ..core.options import seconds
 from ..core.options import STRATEGIES
@@ -59,6 +60,12 @@ KEEPALIVE = "STALEGUARD_KEEPALIVE"
 #: refused write is never taken for a failover). A string, or a dict of bind key
 #: to string.
 ROLE = "STALEGUARD_ROLE"
+#: Seconds a pooled connection may live under the ``"guard"`` strategy, at most
+#: 7200 (Flask-SQLAlchemy's own ``pool_recycle`` on MySQL). Each connection draws
+#: its own lifetime at connect, 75 to 100 % of this; one past it is replaced at
+#: checkout, never while in use. The backstop for what no check can see: an old
+#: node that still answers after a fail-over.
+MAX_LIFETIME = "STALEGUARD_MAX_LIFETIME"
 
 #: The defaults, applied with ``app.config.setdefault`` at ``init_app``.
 DEFAULTS: dict[str, t.Any] = {
@@ -71,6 +78,7 @@ DEFAULTS: dict[str, t.Any] = {
     LEAK_THRESHOLD: None,
     KEEPALIVE: 60.0,
     ROLE: "auto",
+    MAX_LIFETIME: GuardOptions.max_lifetime,
 }
 
 #: A bind key: ``None`` is Flask-SQLAlchemy's default bind.
@@ -101,6 +109,7 @@ class Settings:
     leak_threshold: float | None = None
     keepalive: float | None = 60.0
     role: PerBindRole = "auto"
+    max_lifetime: float = GuardOptions.max_lifetime
 
     def idle_timeout_for(self, bind: BindKey) -> float | None:
         """The declared middlebox idle timer for ``bind``, if any."""
@@ -128,6 +137,7 @@ class Settings:
             leak_threshold=self.leak_threshold,
             keepalive=self.keepalive,
             role=self.role_for(bind),
+            max_lifetime=self.max_lifetime,
         )
 
     def for_binds(self, binds: t.Iterable[BindKey]) -> Settings:
@@ -209,6 +219,7 @@ def load_settings(config: t.Mapping[str, t.Any]) -> Settings:
         leak_threshold=seconds(LEAK_THRESHOLD, get[LEAK_THRESHOLD], optional=True),
         keepalive=seconds(KEEPALIVE, get[KEEPALIVE], optional=True),
         role=_per_bind_role(get[ROLE]),
+        max_lifetime=lifetime_seconds(MAX_LIFETIME, get[MAX_LIFETIME]),
     )
 
 

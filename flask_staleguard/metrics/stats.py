@@ -13,9 +13,11 @@ class BindStats:
 
     #: Connections handed out by the pool.
     checkouts: int = 0
-    #: Connections replaced at checkout, by reason: ``idle_budget``, ``probe_eof``
-    #: (FIN), ``probe_reset`` (RST), ``probe_server_error`` (an error packet, as
-    #: MySQL 8's 4031 or PostgreSQL's FATAL), ``probe_unread`` (a reply nobody read),
+    #: Connections replaced at checkout, by reason: ``idle_budget``,
+    #: ``max_lifetime`` (older than its own lifetime: ``STALEGUARD_MAX_LIFETIME``
+    #: less its jitter), ``probe_eof`` (FIN), ``probe_reset`` (RST),
+    #: ``probe_server_error`` (an error packet, as MySQL 8's 4031 or PostgreSQL's
+    #: FATAL), ``probe_unread`` (a reply nobody read),
     #: ``probe_timed_out`` (the kernel's keepalive gave up: a dead path),
     #: ``probe_closed`` (an asyncio driver's event loop saw the end first),
     #: ``probe_ping_failed``, ``probe_ping_timeout``, ``fork``.

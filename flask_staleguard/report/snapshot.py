@@ -158,6 +158,10 @@ def _guard_facts(guard: PoolGuard, pool: sa.pool.Pool) -> Report:
         "server_timeout_source": source,
         "idle_timeout": seconds_value(guard.idle.idle_timeout),
         "idle_budget": seconds_value(guard.idle.seconds),
+        # Only the "guard" strategy gives connections a lifetime.
+        "max_lifetime": (
+            guard.options.max_lifetime if guard.strategy == "guard" else None
+        ),
         "pool_recycle": recycle if isinstance(recycle, int) else float(recycle),
         "pre_ping": bool(_private.pool_option(pool, "pool_pre_ping")),
         "applied": dict(guard.applied),

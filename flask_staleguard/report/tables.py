@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typing as t
 
+from ..core.lifetime import JITTER
 from ..core.units import seconds_text
 from .document import Report
 
@@ -59,6 +60,7 @@ def _format_bind(r: Report) -> str:
     if r["idle_timeout"] is not None:
         timer += f"; STALEGUARD_IDLE_TIMEOUT {seconds_text(r['idle_timeout'])}"
     rows.append(("Idle budget", f"{seconds_text(r['idle_budget'])} ({timer})"))
+    rows.append(("Max lifetime", _lifetime_text(r["max_lifetime"], r["strategy"])))
     set_by = " (set by staleguard)"
     rows.append(
         (
@@ -167,6 +169,14 @@ def keepalive_text(keepalive: Report | None) -> str:
     if keepalive.get("user_timeout"):
         parts.append(f"unacknowledged data {seconds_text(keepalive['user_timeout'])}")
     return "on: " + ", ".join(parts) + " (read from a live connection)"
+
+
+def _lifetime_text(maximum: float | None, strategy: str) -> str:
+    """``"1800 s (each connection 1350 s to 1800 s)"``, or why there is none."""
+    if maximum is None:
+        return f"none (strategy {strategy}: only guard applies one)"
+    most = seconds_text(maximum)
+    return f"{most} (each connection {seconds_text(maximum * (1 - JITTER))} to {most})"
 
 
 def _or_unknown(value: t.Any) -> str:
