@@ -57,6 +57,16 @@ def test_strategies_ask_for_their_options() -> None:
     assert derive_engine_options("recycle", None) == {"pool_recycle": -1}
 
 
+def test_recycling_never_waits_past_the_max_lifetime() -> None:
+    # MySQL's default wait_timeout gives a budget of 28770 s: four times
+    # Flask-SQLAlchemy's own 7200 s recycle.
+    assert derive_engine_options("recycle", 28770, 1800) == {"pool_recycle": 1800}
+    assert derive_engine_options("pre_ping", 28770, 7200)["pool_recycle"] == 7200
+    assert derive_engine_options("recycle", 27, 1800) == {"pool_recycle": 27}
+    assert derive_engine_options("recycle", None, 1800) == {"pool_recycle": 1800}
+    assert derive_engine_options("guard", 28770, 1800) == {"pool_recycle": -1}
+
+
 def test_user_options_win() -> None:
     merged, applied = merge_options(
         {"pool_recycle": 3600, "pool_size": 5},

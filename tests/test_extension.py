@@ -24,12 +24,13 @@ from tests.servers import MariaDBServer
 def test_options_are_derived_and_shown_in_config(
     make_app: AppFactory, mariadb: MariaDBServer
 ) -> None:
+    # The idle budget, 28770 s, is longer than the 1800 s max lifetime.
     app, db = make_app(mariadb.url, STALEGUARD_STRATEGY="pre_ping")
     options = app.config["SQLALCHEMY_ENGINE_OPTIONS"]
-    assert options["pool_recycle"] == 28770
+    assert options["pool_recycle"] == 1800
     assert options["pool_pre_ping"] is True
     with app.app_context():
-        assert pool_json(app)["pool_recycle"] == 28770
+        assert pool_json(app)["pool_recycle"] == 1800
         assert pool_json(app)["pre_ping"] is True
 
 
@@ -80,7 +81,7 @@ def test_db_first_pre_ping_is_applied_in_place(
     app, db = make_app(mariadb.url, order="db-first", STALEGUARD_STRATEGY="pre_ping")
     with app.app_context():
         assert pool_json(app)["pre_ping"] is True
-        assert pool_json(app)["pool_recycle"] == 28770
+        assert pool_json(app)["pool_recycle"] == 1800
 
 
 def test_two_binds_get_their_own_budget(
@@ -100,12 +101,13 @@ def test_two_binds_get_their_own_budget(
     assert pool_json(app, "short")["server_timeout"] == 20
     assert pool_json(app, "plain")["server_timeout"] == 28800
     binds = app.config["SQLALCHEMY_BINDS"]
+    # The budget where it is shorter than the max lifetime (1800 s).
     assert binds["short"]["pool_recycle"] == 18
-    assert binds["plain"]["pool_recycle"] == 28770
+    assert binds["plain"]["pool_recycle"] == 1800
     with app.app_context():
         assert pool_json(app, "short")["pool_recycle"] == 18
-        assert pool_json(app, "plain")["pool_recycle"] == 28770
-        assert pool_json(app)["pool_recycle"] == 28770
+        assert pool_json(app, "plain")["pool_recycle"] == 1800
+        assert pool_json(app)["pool_recycle"] == 1800
 
 
 def test_declared_timeouts_per_bind(
@@ -281,8 +283,9 @@ def test_unreachable_port_does_not_block_startup(
     ("strategy", "expected"),
     [
         ("guard", {"pool_recycle": -1}),
-        ("recycle", {"pool_recycle": -1}),
-        ("pre_ping", {"pool_recycle": -1, "pool_pre_ping": True}),
+        # No idle budget: the max lifetime alone.
+        ("recycle", {"pool_recycle": 1800}),
+        ("pre_ping", {"pool_recycle": 1800, "pool_pre_ping": True}),
     ],
 )
 def test_postgres_without_idle_timeout(

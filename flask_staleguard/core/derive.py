@@ -36,19 +36,26 @@ def idle_budget(timeout: float | None, margin: float | None) -> float | None:
     return max(timeout - margin, timeout / 2)
 
 
-def derive_engine_options(strategy: str, budget: float | None) -> dict[str, t.Any]:
-    """The ``create_engine`` options a strategy asks for, given the idle budget.
+def derive_engine_options(
+    strategy: str, budget: float | None, max_lifetime: float | None = None
+) -> dict[str, t.Any]:
+    """The ``create_engine`` options a strategy asks for, given the idle budget
+    and the longest a connection may live.
 
-    ``guard`` turns age-based ``pool_recycle`` off: the idle budget replaces it,
-    and busy connections are not reconnected for being old.
+    ``guard`` turns age-based ``pool_recycle`` off: the idle budget and its own
+    lifetime check replace it, and busy connections are not reconnected for being
+    old. ``recycle`` and ``pre_ping`` recycle at the budget, and never later than
+    ``max_lifetime``: a guard keeps no connection longer than Flask-SQLAlchemy's
+    own recycle would.
     """
     if strategy == "off":
         return {}
     if strategy == "guard":
         return {"pool_recycle": -1}
+    limits = [s for s in (budget, max_lifetime) if s is not None]
     # engine_from_config coerces pool_recycle with int(); 0 would recycle on every
     # checkout, so round down but keep at least one second.
-    recycle = -1 if budget is None else max(1, math.floor(budget))
+    recycle = max(1, math.floor(min(limits))) if limits else -1
     options: dict[str, t.Any] = {"pool_recycle": recycle}
     if strategy == "pre_ping":
         options["pool_pre_ping"] = True

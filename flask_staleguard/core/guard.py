@@ -81,7 +81,9 @@ class PoolGuard:
         #: How long connections may idle, and what the server said.
         self.idle = IdleBudget(options, server_timeout, provisional=provisional)
         #: The engine options this strategy asks for.
-        self.derived = derive_engine_options(self.strategy, self.idle.finite)
+        self.derived = derive_engine_options(
+            self.strategy, self.idle.finite, options.max_lifetime
+        )
         #: Those of :attr:`derived` the user had not set, so the guard applied them.
         self.applied: dict[str, t.Any] = {}
         self.stats = BindStats()
@@ -168,7 +170,9 @@ class PoolGuard:
     def _learn(self, timeout: float | None) -> None:
         """Adopt the idle timeout a live connection reported."""
         was = self.idle.learn(timeout)
-        self.derived = derive_engine_options(self.strategy, self.idle.finite)
+        self.derived = derive_engine_options(
+            self.strategy, self.idle.finite, self.options.max_lifetime
+        )
         recycle = self.derived.get("pool_recycle", -1)
         if "pool_recycle" in self.applied and recycle != self.applied["pool_recycle"]:
             self.applied["pool_recycle"] = recycle

@@ -154,7 +154,9 @@ def guard_engine(
         describe=describe,
     )
     pool = engine.pool
-    derived = derive_engine_options(options.strategy, guard.idle.finite)
+    derived = derive_engine_options(
+        options.strategy, guard.idle.finite, options.max_lifetime
+    )
     for option, value in derived.items():
         if not _private.can_set_pool_option(pool, option):
             continue
