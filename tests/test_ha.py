@@ -70,6 +70,16 @@ def rows(server: MariaDBServer | PostgresServer, node: int) -> int:
     return int(server.execute(sql, (node,))[0][0])
 
 
+def assert_probe_saved_all(bare_failed: int, guarded: Flask) -> None:
+    """The sessions ended with the failover: bare, the first write fails and
+    SQLAlchemy invalidates the pool; the guard's socket check at checkout
+    replaces each dead connection before any write is sent on it.
+    """
+    assert bare_failed == 1
+    assert sum(stats(guarded)["replaced"].values()) == POOL["pool_size"]
+    assert stats(guarded)["disconnects"] == {}
+
+
 def report(scenario: str, bare: int, guarded: int) -> None:
     print(f"{scenario}: {WRITES} writes each, failed bare {bare}, guarded {guarded}")
 
@@ -121,8 +131,8 @@ def test_mariadb_switchover(
     replication.catch_up()
     assert rows(old, _server_id(new)) == rows(new, _server_id(new))
     if shut_down:
-        # The sessions are gone: the pool's disconnect handling, bare or not.
-        assert bare_failed <= 1 and guard_failed <= 1
+        assert guard_failed == 0
+        assert_probe_saved_all(bare_failed, guarded)
     else:
         # HAProxy kept them on the demoted primary: bare, every write fails.
         assert bare_failed == WRITES
@@ -195,7 +205,8 @@ def test_galera_node_killed(make_app: AppFactory, galera: GaleraCluster) -> None
 
     landed = rows(galera.nodes[target], galera.nodes[target].port) - before
     assert landed == 2 * WRITES - sum(failed)
-    assert failed[0] <= 1 and failed[1] <= 1
+    assert failed[1] == 0
+    assert_probe_saved_all(failed[0], guarded)
 
 
 # -- PostgreSQL primary and streaming standby ----------------------------------
@@ -240,7 +251,8 @@ def test_postgres_switchover_restarts_the_old_primary_as_standby(
     assert rows(new, new.port) - before == 2 * WRITES - sum(failed)
     replay_caught_up(new, old)
     assert rows(old, new.port) == rows(new, new.port)
-    assert failed[0] <= 1 and failed[1] <= 1
+    assert failed[1] == 0
+    assert_probe_saved_all(failed[0], guarded)
 
 
 def test_postgres_soft_demotion(make_app: AppFactory, streaming: PostgresPair) -> None:
