@@ -108,8 +108,8 @@ class HAProxyPool(_ManagedProcess):
         cfg.write_text(self.config(port))
         return [self.binary, "-f", str(cfg), "-db"]
 
-    def command(self, line: str) -> str:
-        """Send one runtime API command; HAProxy's answer (empty means done)."""
+    def command(self, line: str) -> None:
+        """Send one runtime API command; raise with HAProxy's answer if any."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(5.0)
             sock.connect(str(self.socket_path))
@@ -123,7 +123,6 @@ class HAProxyPool(_ManagedProcess):
         answer = b"".join(chunks).decode().strip()
         if answer:
             raise RuntimeError(f"haproxy refused {line!r}: {answer}")
-        return answer
 
     def move_to(self, name: str) -> None:
         """Send new connections to server ``name`` only; old sessions stay put."""

@@ -115,10 +115,14 @@ def test_mariadb_switchover(
     url = replication.haproxy.url_for(old.user_url)
     guarded = writing_app(make_app, url, True, "@@server_id")
     bare = writing_app(make_app, url, False, "@@server_id")
-    assert replication.haproxy.sessions(replication.name_of(old)) == 2 * 5
+    old_name = replication.name_of(old)
+    assert replication.haproxy.sessions(old_name) == 2 * POOL["pool_size"]
 
     replication.switch_over(shut_down_sessions=shut_down)
     new = replication.primary
+    # HAProxy keeps the old sessions after the move, unless told otherwise.
+    left = 0 if shut_down else 2 * POOL["pool_size"]
+    wait_until("sessions", lambda: replication.haproxy.sessions(old_name) == left)
     assert _server_id(new) != _server_id(old)
     before = rows(new, _server_id(new))
     failed = failed_writes(bare), failed_writes(guarded)
