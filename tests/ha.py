@@ -229,17 +229,11 @@ class MariaDBReplication:
             finally:
                 conn.close()
             status = dict(zip(names, row or ()))
-            if status.get("Last_SQL_Error") or status.get("Last_IO_Errno"):
-                errors = status.get("Last_SQL_Error") or status.get("Last_IO_Error")
-                if status.get("Last_IO_Errno") not in (None, 0, 2003):
-                    raise RuntimeError(f"replication failed: {errors}")
-            return (
-                status.get("Slave_IO_Running"),
-                status.get("Slave_SQL_Running"),
-            ) == (
-                "Yes",
-                "Yes",
-            )
+            if status.get("Last_SQL_Error"):
+                # It cannot apply the primary's events: waiting will not help.
+                raise RuntimeError(f"replication failed: {status['Last_SQL_Error']}")
+            threads = ("Slave_IO_Running", "Slave_SQL_Running")
+            return all(status.get(name) == "Yes" for name in threads)
 
         wait_until("replication running", running)
 
