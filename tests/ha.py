@@ -484,9 +484,10 @@ def promote(server: PostgresServer) -> None:
 
 def replay_caught_up(primary: PostgresServer, standby: PostgresServer) -> None:
     """Wait until ``standby`` has replayed everything ``primary`` has written."""
-    (lsn,) = primary.execute("SELECT pg_current_wal_lsn()::text", database="postgres")[
-        0
-    ]
+    # The insert position: with synchronous_commit off, the last commits may not
+    # be written yet (the WAL writer writes them within wal_writer_delay).
+    sql = "SELECT pg_current_wal_insert_lsn()::text"
+    (lsn,) = primary.execute(sql, database="postgres")[0]
 
     def replayed() -> bool:
         rows = standby.execute(
