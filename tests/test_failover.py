@@ -225,7 +225,9 @@ def test_postgres_failover_costs_at_most_one_write(
     failed = _failed_writes(app)
     print(f"PostgreSQL failover, guard={guard}: {failed} of {WRITES} writes failed")
     if not guard:
-        assert failed == WRITES
+        # A backend applies the reload when its signal arrives: under load, the
+        # first write on a pooled connection may still pass. The rest fail.
+        assert failed >= WRITES - POOL["pool_size"]
         return
     assert failed <= 1
     # Each backend reads the reloaded setting when its signal arrives: under
