@@ -190,6 +190,8 @@ def test_keepalive_and_user_options(
         ({"strategy": "ping"}, "strategy is 'ping'; accepted values are:"),
         ({"idle_timout": 5}, "unknown option 'idle_timout'; it takes: strategy,"),
         ({"keepalive": 0}, "keepalive is 0; expected a number of seconds"),
+        ({"connect_timeout": 0}, "connect_timeout is 0; expected a number of"),
+        ({"connect_wait": -1}, "connect_wait is -1; expected a number of seconds 0"),
         ({"leaks": "raise"}, "no 'leaks' option: leaks are judged when an app"),
     ],
 )

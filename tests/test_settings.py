@@ -26,6 +26,8 @@ def test_values_are_read() -> None:
             "STALEGUARD_MARGIN": 0,
             "STALEGUARD_LEAKS": "warn",
             "STALEGUARD_LEAK_THRESHOLD": 30,
+            "STALEGUARD_CONNECT_TIMEOUT": 2.5,
+            "STALEGUARD_CONNECT_WAIT": 0,
         }
     )
     assert settings.strategy == "pre_ping"
@@ -37,6 +39,8 @@ def test_values_are_read() -> None:
     assert settings.margin == 0.0
     assert settings.leaks == "warn"
     assert settings.leak_threshold == 30.0
+    assert settings.options_for(None).connect_timeout == 2.5
+    assert settings.options_for(None).connect_wait == 0.0
 
 
 @pytest.mark.parametrize(
@@ -89,6 +93,30 @@ def test_values_are_read() -> None:
             True,
             "STALEGUARD_LEAK_THRESHOLD is True; expected a number of seconds more than"
             " 0 and at most 31536000 (a year), or None.",
+        ),
+        (
+            "STALEGUARD_CONNECT_TIMEOUT",
+            0,
+            "STALEGUARD_CONNECT_TIMEOUT is 0; expected a number of seconds more than 0"
+            " and at most 31536000 (a year).",
+        ),
+        (
+            "STALEGUARD_CONNECT_TIMEOUT",
+            None,
+            "STALEGUARD_CONNECT_TIMEOUT is None; expected a number of seconds more"
+            " than 0 and at most 31536000 (a year).",
+        ),
+        (
+            "STALEGUARD_CONNECT_WAIT",
+            -1,
+            "STALEGUARD_CONNECT_WAIT is -1; expected a number of seconds 0 or more and"
+            " at most 31536000 (a year).",
+        ),
+        (
+            "STALEGUARD_CONNECT_WAIT",
+            "10",
+            "STALEGUARD_CONNECT_WAIT is '10'; expected a number of seconds 0 or more"
+            " and at most 31536000 (a year).",
         ),
         (
             "STALEGUARD_IDLE_TIMEOUT",

@@ -4,7 +4,8 @@
 options; the work is done by its pieces, each attached to the pool's events:
 :class:`~.checkout.CheckoutChecks` (stale connections at checkout),
 :class:`~.holders.Holders` (who holds what: leaks),
-:class:`~.disconnects.DisconnectReports` (connections lost in use), and
+:class:`~.disconnects.DisconnectReports` (connections lost in use),
+:class:`~.connect.Connector` (new connections: bounded, waited for), and
 :class:`~.budget.IdleBudget` (how long connections may idle).
 """
 
@@ -24,6 +25,7 @@ from ..metrics.signals import leak_returned
 from ..metrics.stats import BindStats
 from .budget import IdleBudget
 from .checkout import CheckoutChecks
+from .connect import Connector
 from .derive import derive_engine_options
 from .disconnects import DisconnectReports
 from .holders import Holders
@@ -115,6 +117,10 @@ class PoolGuard:
         self._reports = DisconnectReports(
             self, kind, self.strategy, self.idle, self.stats
         )
+        #: The pool's connects: bounded, and tried again through an outage.
+        self.connector = Connector(
+            name, options.connect_timeout, options.connect_wait, self.stats, secrets
+        )
         self._engines: weakref.WeakSet[sa.engine.Engine] = weakref.WeakSet()
 
     def __repr__(self) -> str:
@@ -128,6 +134,8 @@ class PoolGuard:
         self._checks.attach(engine)
         self.holders.attach(engine)
         self._reports.attach(engine)
+        if self.strategy != "off":
+            self.connector.attach(engine)
 
     def engines(self) -> list[sa.engine.Engine]:
         """The engines whose pools this guard listens to."""

@@ -42,6 +42,13 @@ class GuardOptions:
     leak_threshold: float | None = None
     #: Seconds of silence before a TCP keepalive probe; ``None``: the driver's.
     keepalive: float | None = 60.0
+    #: Seconds one new connection (TCP connect, handshake, login) may take:
+    #: PyMySQL's own default.
+    connect_timeout: float = 10.0
+    #: Seconds a new connection keeps being tried through transient failures (a
+    #: restart, a full or silent server) before the last error is raised; 0:
+    #: never. Never more than the pool's ``pool_timeout``.
+    connect_wait: float = 10.0
 
 
 def choice(name: str, value: object, accepted: tuple[str, ...]) -> str:

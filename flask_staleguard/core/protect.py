@@ -40,6 +40,8 @@ OPTIONS = (
     "discovery_timeout",
     "leak_threshold",
     "keepalive",
+    "connect_timeout",
+    "connect_wait",
 )
 
 #: What a pool does when it was not told otherwise: the user's own values win.
@@ -90,6 +92,18 @@ def guard_options(options: t.Mapping[str, t.Any]) -> GuardOptions:
         keepalive=seconds(
             "keepalive", get("keepalive", defaults.keepalive), optional=True
         ),
+        connect_timeout=t.cast(
+            float,
+            seconds(
+                "connect_timeout", get("connect_timeout", defaults.connect_timeout)
+            ),
+        ),
+        connect_wait=t.cast(
+            float,
+            seconds(
+                "connect_wait", get("connect_wait", defaults.connect_wait), zero=True
+            ),
+        ),
     )
 
 
@@ -100,7 +114,8 @@ def protect(
 
     :param name: The pool's name in logs; the URL's database by default.
     :param options: ``strategy``, ``idle_timeout``, ``server_timeout``,
-        ``margin``, ``discovery_timeout``, ``leak_threshold``, ``keepalive``:
+        ``margin``, ``discovery_timeout``, ``leak_threshold``, ``keepalive``,
+        ``connect_timeout``, ``connect_wait``:
         the ``STALEGUARD_*`` keys of the same names, validated the same way.
 
     Nothing is asked of the server here: the first connection says its idle

@@ -52,6 +52,13 @@ LEAK_THRESHOLD = "STALEGUARD_LEAK_THRESHOLD"
 #: shorter ``STALEGUARD_IDLE_TIMEOUT`` brings the first probe to half of it.
 #: ``None`` leaves the driver's socket options alone.
 KEEPALIVE = "STALEGUARD_KEEPALIVE"
+#: Seconds one new connection (TCP connect, handshake, login) may take; the
+#: driver's own timeouts, for the connect only. A user's ``connect_args`` win.
+CONNECT_TIMEOUT = "STALEGUARD_CONNECT_TIMEOUT"
+#: Seconds a new connection keeps being tried through transient failures (the
+#: server restarting, full, silent) before the last error is raised; 0: never.
+#: Never more than the pool's ``pool_timeout``.
+CONNECT_WAIT = "STALEGUARD_CONNECT_WAIT"
 
 #: The defaults, applied with ``app.config.setdefault`` at ``init_app``.
 DEFAULTS: dict[str, t.Any] = {
@@ -63,6 +70,8 @@ DEFAULTS: dict[str, t.Any] = {
     LEAKS: "reclaim",
     LEAK_THRESHOLD: None,
     KEEPALIVE: 60.0,
+    CONNECT_TIMEOUT: 10.0,
+    CONNECT_WAIT: 10.0,
 }
 
 #: A bind key: ``None`` is Flask-SQLAlchemy's default bind.
@@ -91,6 +100,8 @@ class Settings:
     leaks: str = "reclaim"
     leak_threshold: float | None = None
     keepalive: float | None = 60.0
+    connect_timeout: float = 10.0
+    connect_wait: float = 10.0
 
     def idle_timeout_for(self, bind: BindKey) -> float | None:
         """The declared middlebox idle timer for ``bind``, if any."""
@@ -111,6 +122,8 @@ class Settings:
             leaks=self.leaks,
             leak_threshold=self.leak_threshold,
             keepalive=self.keepalive,
+            connect_timeout=self.connect_timeout,
+            connect_wait=self.connect_wait,
         )
 
     def for_binds(self, binds: t.Iterable[BindKey]) -> Settings:
@@ -187,6 +200,8 @@ def load_settings(config: t.Mapping[str, t.Any]) -> Settings:
         leaks=choice(LEAKS, get[LEAKS], LEAK_POLICIES),
         leak_threshold=seconds(LEAK_THRESHOLD, get[LEAK_THRESHOLD], optional=True),
         keepalive=seconds(KEEPALIVE, get[KEEPALIVE], optional=True),
+        connect_timeout=t.cast(float, seconds(CONNECT_TIMEOUT, get[CONNECT_TIMEOUT])),
+        connect_wait=t.cast(float, seconds(CONNECT_WAIT, get[CONNECT_WAIT], zero=True)),
     )
 
 
