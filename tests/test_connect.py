@@ -246,7 +246,7 @@ def test_a_permanent_error_fails_at_once(
     outcome = run_with_watchdog(lambda: query(app, db), 20)
     assert time.monotonic() - started < 1 + SLACK / 2
     assert isinstance(outcome, sa.exc.OperationalError), outcome
-    assert outcome.orig.args[0] in (1044, 1045, 1049)
+    assert t.cast(t.Any, outcome.orig).args[0] in (1044, 1045, 1049)
     assert stats(app)["outages"] == 0
 
 

@@ -13,6 +13,7 @@ sent on them. A statement is never retried.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -75,6 +76,23 @@ CONNECT_BOUNDS: dict[str, tuple[str, ...]] = {
 }
 #: Drivers that take whole seconds: libpq reads less than 2 as 2.
 _WHOLE_SECONDS = ("psycopg", "psycopg2", "mysqldb")
+
+
+#: Per thread: whether its connects are tried once only (:func:`one_try`).
+_once = threading.local()
+
+
+@contextlib.contextmanager
+def one_try() -> t.Iterator[None]:
+    """Connects in this block are not waited for: the guard's own connections
+    (the CLI's, the reports') answer within their own time limit.
+    """
+    before = getattr(_once, "on", False)
+    _once.on = True
+    try:
+        yield
+    finally:
+        _once.on = before
 
 
 class RetryConnect(Exception):
@@ -196,6 +214,11 @@ class Connector:
         and tried again through transient failures within the wait.
         """
         restore = self._bound(cparams)
+        if getattr(_once, "on", False):
+            try:
+                return self._attempt(original, cargs, cparams, restore)
+            except RetryConnect as e:
+                raise _final(e) from e
         if not self._outage:
             try:
                 return self._attempt(original, cargs, cparams, restore)
