@@ -252,9 +252,8 @@ class Connector:
                 raise self._give_up(last)
             try:
                 if self._outage:
-                    rest = self._next_attempt - self._clock()
-                    if rest >= deadline - self._clock():
-                        raise self._give_up(last)
+                    # The last attempt comes at the deadline, not a pause before.
+                    rest = min(self._next_attempt, deadline) - self._clock()
                     if rest > 0:
                         time.sleep(rest)  # looked up now: gevent patches it
                 try:
