@@ -222,9 +222,11 @@ def test_a_restart_under_load_fails_no_new_request(
     assert load.started(since=down) > 0
     counts = stats(app)
     assert counts["outages"] >= 1
-    # Per pool, not per thread: a 1.5 s outage takes some 6 attempts at the
-    # backoff's pace; one per thread per 50 ms would be over 200.
-    assert counts["outages"] + counts["connect_retries"] <= 30, counts
+    # Per pool, not per thread: at most one failed connect per thread before
+    # the outage is known (8), then the pool's own pace, 50 ms doubling to 1 s:
+    # some 7 attempts in a 2.5 s outage. Measured: 6 to 8 in all; each thread
+    # on its own backoff made 25 to 34, one per thread per 50 ms over 200.
+    assert counts["outages"] + counts["connect_retries"] <= 20, counts
     messages = [r.getMessage() for r in guard_log.records]
     assert any("connected again after" in m for m in messages)
 
