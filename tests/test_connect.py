@@ -7,14 +7,17 @@ statements that must keep no read timeout.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import typing as t
 
+import pymysql
 import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from flask_staleguard import ConnectRejected
 from flask_staleguard import protect
@@ -345,3 +348,35 @@ def test_the_wait_is_never_longer_than_the_pools_timeout(mariadb_url: str) -> No
 def guard_of_engine(engine: sa.engine.Engine, **options: t.Any) -> float:
     """The connect wait in force for ``engine`` once protected."""
     return protect(engine, **options).guard.connector.wait
+
+
+def test_an_engine_with_its_own_creator_is_left_alone(
+    mariadb: MariaDBServer, guard_log: pytest.LogCaptureFixture
+) -> None:
+    """``creator=`` bypasses the dialect: no wait, said once, nothing broken."""
+    url = sa.make_url(mariadb.url)
+    engine = sa.create_engine(
+        "mysql+pymysql://",
+        creator=lambda: pymysql.connect(host=url.host, port=url.port, user="root"),
+    )
+    try:
+        protect(engine, connect_wait=5)
+        assert not hasattr(engine.dialect.connect, "staleguard_connect")
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+        said = [r.getMessage() for r in guard_log.records if "creator=" in r.message]
+        assert len(said) == 1
+    finally:
+        engine.dispose()
+
+
+def test_an_asyncio_engine_is_left_alone(
+    mariadb_url: str, guard_log: pytest.LogCaptureFixture
+) -> None:
+    """A pause in an asyncio engine's connect would block its event loop."""
+    engine = create_async_engine(mariadb_url.replace("pymysql", "aiomysql"))
+    protect(engine, connect_wait=5)
+    assert not hasattr(engine.sync_engine.dialect.connect, "staleguard_connect")
+    said = [r.getMessage() for r in guard_log.records if "asyncio" in r.message]
+    assert len(said) == 1 and "block the event loop" in said[0]
+    asyncio.run(engine.dispose())
