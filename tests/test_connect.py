@@ -40,7 +40,13 @@ def query(app: Flask, db: SQLAlchemy, sql: str = "SELECT 1") -> t.Any:
 
 
 @pytest.mark.parametrize(
-    ("driver", "timeout"), [("mysql+pymysql", 1), ("postgresql+psycopg", 2)]
+    ("driver", "timeout"),
+    [
+        ("mysql+pymysql", 1),
+        ("mysql+mysqldb", 1),
+        ("postgresql+psycopg", 2),
+        ("postgresql+psycopg2", 2),
+    ],
 )
 def test_a_silent_server_fails_the_request_within_the_connect_timeout(
     make_app: AppFactory, driver: str, timeout: int
