@@ -64,7 +64,7 @@ TRANSIENT_PG_MESSAGES = (
 #: The keywords that bound each driver's connect and nothing after it. PyMySQL's
 #: ``connect_timeout`` covers the TCP connect only: its read and write timeouts
 #: bound the handshake and login, and are given back to the user's values right
-#: after (:func:`bounded_call`). mysqlclient's ``connect_timeout`` covers the
+#: after (:meth:`Connector._attempt`). mysqlclient's ``connect_timeout`` covers the
 #: handshake, libpq's (psycopg, psycopg2) the whole start-up. The other drivers'
 #: only bounds (mysql-connector's ``connection_timeout``, pg8000's ``timeout``,
 #: MariaDB Connector/Python's read timeout) would bound every statement as well.
