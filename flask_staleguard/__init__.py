@@ -7,6 +7,7 @@ import typing as t
 from .core.protect import protect as protect
 from .errors import ConfigError as ConfigError
 from .errors import ConnectionReclaimed as ConnectionReclaimed
+from .errors import ConnectRejected as ConnectRejected
 from .errors import LeakError as LeakError
 from .extension.staleguard import StaleGuard as StaleGuard
 from .report.snapshot import pool_snapshot as pool_snapshot

@@ -197,3 +197,54 @@ def leave_error_for_holder(proxy: t.Any, message: str) -> None:
     ``rollback()`` and ``close()`` on it is not documented, hence here.
     """
     proxy.dbapi_connection = _Reclaimed(message)
+
+
+#: What wraps a dialect's ``connect``: given the original, the positional and the
+#: keyword arguments of one call, it returns the new DBAPI connection.
+ConnectWrapper = t.Callable[
+    [t.Callable[..., t.Any], tuple[t.Any, ...], dict[str, t.Any]], t.Any
+]
+
+
+def wrap_dialect_connect(dialect: t.Any, wrapper: ConnectWrapper) -> bool:
+    """Route this dialect instance's ``connect`` through ``wrapper``.
+
+    SQLAlchemy's default creator (``create_engine``'s ``connect()``) looks up
+    ``dialect.connect`` on the instance at every call, and each engine has its
+    own dialect: so the wrapper runs inside the pool's connect and nowhere else.
+    The public way, a ``do_connect`` listener, makes every statement look up
+    dialect listeners. One wrapper per dialect: returns ``False`` when there is one.
+    """
+    original = dialect.connect
+    if hasattr(original, "staleguard_connect"):
+        return False
+
+    def connect(*cargs: t.Any, **cparams: t.Any) -> t.Any:
+        return wrapper(original, cargs, cparams)
+
+    connect.staleguard_connect = wrapper  # type: ignore[attr-defined]
+    dialect.connect = connect
+    return True
+
+
+def default_creator(pool: sa.pool.Pool) -> bool:
+    """Whether ``pool`` connects through SQLAlchemy's default creator, which
+    calls ``dialect.connect``; not so for an engine made with ``creator=``.
+    """
+    creator = getattr(pool, "_creator", None)
+    return getattr(creator, "__module__", None) == "sqlalchemy.engine.create"
+
+
+def pymysql_timeouts(dbapi_connection: t.Any) -> tuple[t.Any, t.Any]:
+    """A PyMySQL connection's read and write timeouts (no public accessor)."""
+    return dbapi_connection._read_timeout, dbapi_connection._write_timeout
+
+
+def set_pymysql_timeouts(dbapi_connection: t.Any, read: t.Any, write: t.Any) -> None:
+    """Give a PyMySQL connection new read and write timeouts after its connect.
+
+    PyMySQL reads them before each read and write and applies them to its socket
+    when they differ from the socket's (1.1+), or every time (1.0).
+    """
+    dbapi_connection._read_timeout = read
+    dbapi_connection._write_timeout = write

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sqlalchemy.exc import DisconnectionError
+
 
 class ConfigError(ValueError):
     """A ``STALEGUARD_*`` key has a value the guard cannot use. The message
@@ -31,4 +33,11 @@ class NoAnswer(TimeoutError):
 class UnknownBind(LookupError):
     """``--bind`` (or a report function's ``bind``) named a bind the app does not
     have.
+    """
+
+
+class ConnectRejected(DisconnectionError):
+    """A new connection was refused by the guard's connect check (as one that
+    landed on a read-only node for a writer bind) until the connect wait ran out;
+    the message says why. A :class:`sqlalchemy.exc.DisconnectionError`.
     """

@@ -86,6 +86,8 @@ STATS_KEYS = {
     "leaks_detected",
     "leaks_reclaimed",
     "leaks_returned",
+    "outages",
+    "connect_retries",
 }
 
 

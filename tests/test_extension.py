@@ -159,6 +159,8 @@ def test_one_guard_many_apps(mariadb: MariaDBServer) -> None:
                 "leaks_detected": 0,
                 "leaks_reclaimed": 0,
                 "leaks_returned": 0,
+                "outages": 0,
+                "connect_retries": 0,
             }
         }
         assert [pool_json(a)["strategy"] for a, _ in apps] == ["guard", "recycle"]

@@ -11,6 +11,7 @@ import ast
 import asyncio
 import ssl
 import time
+import typing as t
 from pathlib import Path
 
 import pymysql
@@ -236,3 +237,63 @@ def test_connect_started_is_when_the_pool_began_to_connect(mariadb_url: str) -> 
         proxy.close()
     finally:
         engine.dispose()
+
+
+def test_wrap_dialect_connect_runs_inside_the_pools_connect_once(
+    mariadb_url: str,
+) -> None:
+    engine = sa.create_engine(mariadb_url)
+    calls: list[dict[str, object]] = []
+
+    def wrapper(original: t.Any, cargs: tuple[t.Any, ...], cparams: t.Any) -> t.Any:
+        calls.append(dict(cparams))
+        return original(*cargs, **cparams)
+
+    try:
+        assert _private.default_creator(engine.pool)
+        assert _private.wrap_dialect_connect(engine.dialect, wrapper)
+        assert not _private.wrap_dialect_connect(engine.dialect, wrapper)
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        engine.dispose()  # the dialect, and so the wrapper, outlive the pool
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        assert len(calls) == 2
+        assert calls[0]["host"] == "127.0.0.1"
+        # The wrapper costs statements nothing: no dialect event anywhere.
+        assert not engine.dialect._has_events
+        assert not engine._has_events
+    finally:
+        engine.dispose()
+
+
+def test_default_creator_is_false_for_an_engine_with_its_own(mariadb_url: str) -> None:
+    url = sa.make_url(mariadb_url)
+    engine = sa.create_engine(
+        url, creator=lambda: pymysql.connect(host=url.host, port=url.port, user="root")
+    )
+    try:
+        assert not _private.default_creator(engine.pool)
+    finally:
+        engine.dispose()
+
+
+def test_pymysql_timeouts_apply_to_the_next_read(mariadb_url: str) -> None:
+    """Given back after the connect, the user's (no) read timeout rules the
+    socket again: a statement longer than the connect's timeout succeeds.
+    """
+    url = sa.make_url(mariadb_url)
+    connection = pymysql.connect(
+        host=url.host, port=url.port, user="root", read_timeout=1, write_timeout=1
+    )
+    try:
+        assert _private.pymysql_timeouts(connection) == (1, 1)
+        _private.set_pymysql_timeouts(connection, None, None)
+        cursor = connection.cursor()
+        cursor.execute("SELECT SLEEP(1.5)")
+        assert cursor.fetchone() == (0,)
+        _private.set_pymysql_timeouts(connection, 0.5, None)
+        with pytest.raises(pymysql.err.OperationalError, match="2013"):
+            cursor.execute("SELECT SLEEP(1.5)")
+    finally:
+        connection.close()

@@ -217,6 +217,8 @@ def test_a_connection_pooled_before_protect_gets_keepalive_too(
         ({"max_lifetime": True}, "max_lifetime is True; expected a number of"),
         ({"max_lifetime": "x"}, "max_lifetime is 'x'; expected a number of"),
         ({"max_lifetime": None}, "max_lifetime is None; expected a number of"),
+        ({"connect_timeout": 0}, "connect_timeout is 0; expected a number of"),
+        ({"connect_wait": -1}, "connect_wait is -1; expected a number of seconds 0"),
         ({"leaks": "raise"}, "no 'leaks' option: leaks are judged when an app"),
     ],
 )

@@ -27,6 +27,8 @@ def test_values_are_read() -> None:
             "STALEGUARD_LEAKS": "warn",
             "STALEGUARD_LEAK_THRESHOLD": 30,
             "STALEGUARD_MAX_LIFETIME": 7200,
+            "STALEGUARD_CONNECT_TIMEOUT": 2.5,
+            "STALEGUARD_CONNECT_WAIT": 0,
         }
     )
     assert settings.strategy == "pre_ping"
@@ -41,6 +43,8 @@ def test_values_are_read() -> None:
     assert settings.max_lifetime == 7200.0
     assert settings.options_for(None).max_lifetime == 7200.0
     assert load_settings({}).options_for(None).max_lifetime == 1800.0
+    assert settings.options_for(None).connect_timeout == 2.5
+    assert settings.options_for(None).connect_wait == 0.0
 
 
 @pytest.mark.parametrize(
@@ -147,6 +151,30 @@ def test_values_are_read() -> None:
             None,
             "STALEGUARD_MAX_LIFETIME is None; expected a number of seconds more than 0"
             " and at most 7200 (Flask-SQLAlchemy's own pool_recycle on MySQL).",
+        ),
+        (
+            "STALEGUARD_CONNECT_TIMEOUT",
+            0,
+            "STALEGUARD_CONNECT_TIMEOUT is 0; expected a number of seconds more than 0"
+            " and at most 31536000 (a year).",
+        ),
+        (
+            "STALEGUARD_CONNECT_TIMEOUT",
+            None,
+            "STALEGUARD_CONNECT_TIMEOUT is None; expected a number of seconds more"
+            " than 0 and at most 31536000 (a year).",
+        ),
+        (
+            "STALEGUARD_CONNECT_WAIT",
+            -1,
+            "STALEGUARD_CONNECT_WAIT is -1; expected a number of seconds 0 or more and"
+            " at most 31536000 (a year).",
+        ),
+        (
+            "STALEGUARD_CONNECT_WAIT",
+            "10",
+            "STALEGUARD_CONNECT_WAIT is '10'; expected a number of seconds 0 or more"
+            " and at most 31536000 (a year).",
         ),
         (
             "STALEGUARD_IDLE_TIMEOUT",

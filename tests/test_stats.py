@@ -63,6 +63,8 @@ def test_counters_start_at_zero_and_count_checkouts(
         "leaks_detected": 0,
         "leaks_reclaimed": 0,
         "leaks_returned": 0,
+        "outages": 0,
+        "connect_retries": 0,
     }
     assert guard.stats(app) == {"default": zero, "pg": zero}
     with app.app_context():

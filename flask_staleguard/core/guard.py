@@ -5,7 +5,8 @@ options; the work is done by its pieces, each attached to the pool's events:
 :class:`~.checkout.CheckoutChecks` (stale connections at checkout),
 :class:`~.holders.Holders` (who holds what: leaks),
 :class:`~.disconnects.DisconnectReports` (connections lost in use),
-:func:`~.failover.watch_for_demotions` (a writer that became read-only), and
+:func:`~.failover.watch_for_demotions` (a writer that became read-only),
+:class:`~.connect.Connector` (new connections: bounded, waited for), and
 :class:`~.budget.IdleBudget` (how long connections may idle).
 """
 
@@ -25,6 +26,7 @@ from ..metrics.signals import leak_returned
 from ..metrics.stats import BindStats
 from .budget import IdleBudget
 from .checkout import CheckoutChecks
+from .connect import Connector
 from .derive import derive_engine_options
 from .disconnects import DisconnectReports
 from .failover import watch_for_demotions
@@ -120,6 +122,10 @@ class PoolGuard:
         self._reports = DisconnectReports(
             self, kind, self.strategy, self.idle, self.stats
         )
+        #: The pool's connects: bounded, and tried again through an outage.
+        self.connector = Connector(
+            name, options.connect_timeout, options.connect_wait, self.stats, secrets
+        )
         self._engines: weakref.WeakSet[sa.engine.Engine] = weakref.WeakSet()
 
     def __repr__(self) -> str:
@@ -135,6 +141,8 @@ class PoolGuard:
         self._reports.attach(engine)
         if self.strategy != "off" and self.options.role != "any":
             watch_for_demotions(engine.dialect, self.kind)
+        if self.strategy != "off":
+            self.connector.attach(engine)
 
     @property
     def node_role(self) -> str | None:

@@ -56,6 +56,13 @@ class GuardOptions:
     #: Seconds a connection may live; each draws its own, 75 to 100 % of this.
     #: HikariCP's ``maxLifetime`` default; at most ``MAX_LIFETIME`` (7200).
     max_lifetime: float = 1800.0
+    #: Seconds one new connection (TCP connect, handshake, login) may take:
+    #: PyMySQL's own default.
+    connect_timeout: float = 10.0
+    #: Seconds a new connection keeps being tried through transient failures (a
+    #: restart, a full or silent server) before the last error is raised; 0:
+    #: never. Never more than the pool's ``pool_timeout``.
+    connect_wait: float = 10.0
 
 
 def choice(name: str, value: object, accepted: tuple[str, ...]) -> str:

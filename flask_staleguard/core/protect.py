@@ -44,6 +44,8 @@ OPTIONS = (
     "keepalive",
     "role",
     "max_lifetime",
+    "connect_timeout",
+    "connect_wait",
 )
 
 #: What a pool does when it was not told otherwise: the user's own values win.
@@ -98,6 +100,18 @@ def guard_options(options: t.Mapping[str, t.Any]) -> GuardOptions:
         max_lifetime=lifetime_seconds(
             "max_lifetime", get("max_lifetime", defaults.max_lifetime)
         ),
+        connect_timeout=t.cast(
+            float,
+            seconds(
+                "connect_timeout", get("connect_timeout", defaults.connect_timeout)
+            ),
+        ),
+        connect_wait=t.cast(
+            float,
+            seconds(
+                "connect_wait", get("connect_wait", defaults.connect_wait), zero=True
+            ),
+        ),
     )
 
 
@@ -109,8 +123,8 @@ def protect(
     :param name: The pool's name in logs; the URL's database by default.
     :param options: ``strategy``, ``idle_timeout``, ``server_timeout``,
         ``margin``, ``discovery_timeout``, ``leak_threshold``, ``keepalive``,
-        ``role``, ``max_lifetime``: the ``STALEGUARD_*`` keys of the same names,
-        validated the same way.
+        ``role``, ``max_lifetime``, ``connect_timeout``, ``connect_wait``: the
+        ``STALEGUARD_*`` keys of the same names, validated the same way.
 
     Nothing is asked of the server here: the first connection says its idle
     timeout (until then, the server's default is assumed), so this never blocks.

@@ -66,6 +66,13 @@ ROLE = "STALEGUARD_ROLE"
 #: checkout, never while in use. The backstop for what no check can see: an old
 #: node that still answers after a fail-over.
 MAX_LIFETIME = "STALEGUARD_MAX_LIFETIME"
+#: Seconds one new connection (TCP connect, handshake, login) may take; the
+#: driver's own timeouts, for the connect only. A user's ``connect_args`` win.
+CONNECT_TIMEOUT = "STALEGUARD_CONNECT_TIMEOUT"
+#: Seconds a new connection keeps being tried through transient failures (the
+#: server restarting, full, silent) before the last error is raised; 0: never.
+#: Never more than the pool's ``pool_timeout``.
+CONNECT_WAIT = "STALEGUARD_CONNECT_WAIT"
 
 #: The defaults, applied with ``app.config.setdefault`` at ``init_app``.
 DEFAULTS: dict[str, t.Any] = {
@@ -79,6 +86,8 @@ DEFAULTS: dict[str, t.Any] = {
     KEEPALIVE: 60.0,
     ROLE: "auto",
     MAX_LIFETIME: GuardOptions.max_lifetime,
+    CONNECT_TIMEOUT: 10.0,
+    CONNECT_WAIT: 10.0,
 }
 
 #: A bind key: ``None`` is Flask-SQLAlchemy's default bind.
@@ -110,6 +119,8 @@ class Settings:
     keepalive: float | None = 60.0
     role: PerBindRole = "auto"
     max_lifetime: float = GuardOptions.max_lifetime
+    connect_timeout: float = 10.0
+    connect_wait: float = 10.0
 
     def idle_timeout_for(self, bind: BindKey) -> float | None:
         """The declared middlebox idle timer for ``bind``, if any."""
@@ -138,6 +149,8 @@ class Settings:
             keepalive=self.keepalive,
             role=self.role_for(bind),
             max_lifetime=self.max_lifetime,
+            connect_timeout=self.connect_timeout,
+            connect_wait=self.connect_wait,
         )
 
     def for_binds(self, binds: t.Iterable[BindKey]) -> Settings:
@@ -220,6 +233,8 @@ def load_settings(config: t.Mapping[str, t.Any]) -> Settings:
         keepalive=seconds(KEEPALIVE, get[KEEPALIVE], optional=True),
         role=_per_bind_role(get[ROLE]),
         max_lifetime=lifetime_seconds(MAX_LIFETIME, get[MAX_LIFETIME]),
+        connect_timeout=t.cast(float, seconds(CONNECT_TIMEOUT, get[CONNECT_TIMEOUT])),
+        connect_wait=t.cast(float, seconds(CONNECT_WAIT, get[CONNECT_WAIT], zero=True)),
     )
 
 

@@ -31,6 +31,11 @@ class BindStats:
     #: Connections reported as leaked or held too long that their holder
     #: returned to the pool later ("unleaked").
     leaks_returned: int = 0
+    #: Outages: a new connection failed for a transient reason (the server
+    #: restarting, full, silent) and was tried again (``STALEGUARD_CONNECT_WAIT``).
+    outages: int = 0
+    #: Connects tried again during outages, after the one that began each.
+    connect_retries: int = 0
     _lock: threading.Lock = dataclasses.field(
         default_factory=threading.Lock, repr=False, compare=False
     )
@@ -41,7 +46,14 @@ class BindStats:
             table[key] = table.get(key, 0) + 1
 
     def add(
-        self, counter: t.Literal["leaks_detected", "leaks_reclaimed", "leaks_returned"]
+        self,
+        counter: t.Literal[
+            "leaks_detected",
+            "leaks_reclaimed",
+            "leaks_returned",
+            "outages",
+            "connect_retries",
+        ],
     ) -> None:
         """Add one to a counter of the rare paths, under the lock."""
         with self._lock:
@@ -57,4 +69,6 @@ class BindStats:
                 "leaks_detected": self.leaks_detected,
                 "leaks_reclaimed": self.leaks_reclaimed,
                 "leaks_returned": self.leaks_returned,
+                "outages": self.outages,
+                "connect_retries": self.connect_retries,
             }

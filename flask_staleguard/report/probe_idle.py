@@ -28,6 +28,7 @@ from flask import Flask
 
 from .. import _private
 from ..core import probe
+from ..core.connect import one_try
 from ..core.deadline import call_within
 from ..core.discovery import session_idle_timeout
 from ..core.guard import PoolGuard
@@ -235,7 +236,8 @@ def _connector(guard: PoolGuard, engine: sa.engine.Engine) -> _Connect:
     """
 
     def open_and_prepare(prepare: t.Callable[[t.Any], T], close: bool) -> T:
-        connection = _private.raw_dbapi_connection(engine.pool)
+        with one_try():  # within the bind's own time limit
+            connection = _private.raw_dbapi_connection(engine.pool)
         try:
             result = prepare(connection)
         except BaseException:

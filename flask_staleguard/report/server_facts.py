@@ -16,6 +16,7 @@ from .._private import pymysql_read_timeout
 from .._private import side_connection
 from ..core import probe
 from ..core.checkout import STATE
+from ..core.connect import one_try
 from ..core.deadline import call_within
 from ..core.disconnects import error_code
 from ..core.guard import PoolGuard
@@ -72,7 +73,8 @@ def _read(guard: PoolGuard, engine: sa.engine.Engine, process_list: bool) -> Rep
     # pooled connection would hide it from the list of the app's connections, and
     # a full pool would keep us waiting. The pool's connect listeners still run,
     # so the session looks like the app's (a SET in a "connect" hook shows).
-    record = side_connection(engine.pool)
+    with one_try():  # within the report's own time limit
+        record = side_connection(engine.pool)
     dbapi_connection = record.dbapi_connection
     notes: list[str] = []
     found: Report = {"notes": notes}
