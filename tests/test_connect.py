@@ -291,7 +291,7 @@ def test_a_connect_check_refuses_connections_within_the_wait(
     guard = protect(engine, connect_wait=5).guard
     seen: list[int] = []
 
-    def check(dbapi_connection: t.Any) -> None:
+    def check(dbapi_connection: t.Any, last: bool) -> None:
         seen.append(id(dbapi_connection))
         if len(seen) <= 2:
             raise RetryConnect("landed on a read-only node")
@@ -312,8 +312,10 @@ def test_a_connect_check_that_always_refuses_ends_the_wait_clearly(
 ) -> None:
     engine = sa.create_engine(mariadb_url)
     guard = protect(engine, connect_wait=1).guard
+    told: list[bool] = []
 
-    def check(dbapi_connection: t.Any) -> None:
+    def check(dbapi_connection: t.Any, last: bool) -> None:
+        told.append(last)
         raise RetryConnect("landed on a read-only node")
 
     guard.connector.check = check
@@ -322,6 +324,8 @@ def test_a_connect_check_that_always_refuses_ends_the_wait_clearly(
         with pytest.raises(ConnectRejected, match="landed on a read-only node"):
             engine.connect()
         assert 1 <= time.monotonic() - started < 1 + SLACK
+        # The check is told which attempt is the last: there it may take the node.
+        assert told[-1] is True and not any(told[:-1])
     finally:
         engine.dispose()
 

@@ -8,6 +8,7 @@ sessions where they are (as HAProxy does when its backend is switched).
 from __future__ import annotations
 
 import logging
+import threading
 import typing as t
 from collections.abc import Iterator
 
@@ -175,6 +176,55 @@ def test_a_replica_bind_is_left_alone(
     assert _failed_writes(app) == WRITES
     assert mariadb_proxy.connections_seen == seen
     assert stats(app)["disconnects"] == {}
+
+
+@pytest.mark.parametrize("role", ["auto", "writer"])
+def test_new_connections_wait_for_the_new_writer(
+    make_app: AppFactory,
+    old_mariadb: MariaDBServer,
+    new_mariadb: MariaDBServer,
+    mariadb_proxy: TcpProxy,
+    role: str,
+) -> None:
+    # A stale DNS answer or a slow proxy: for a second after the demotion, new
+    # connections still reach the old writer.
+    old_mariadb.execute(CREATE)
+    new_mariadb.execute(CREATE)
+    before = _rows_on(new_mariadb)
+    url = mariadb_proxy.url_for(old_mariadb.user_url)
+    app, _ = _writing_app(make_app, url, True, STALEGUARD_ROLE=role)
+    old_mariadb.execute("SET GLOBAL read_only = 1")
+    move = threading.Timer(
+        1.0, setattr, (mariadb_proxy, "target_port", new_mariadb.port)
+    )
+    move.start()
+    try:
+        failed = _failed_writes(app)
+    finally:
+        move.cancel()
+    print(f"MariaDB failover, new connections late, role={role}: {failed} failed")
+    assert failed <= 1
+    assert _rows_on(new_mariadb) - before == WRITES - failed
+    assert stats(app)["outages"] >= 1  # the old node was turned down, then left
+
+
+def test_a_writer_bind_takes_a_read_only_node_when_no_writer_comes(
+    make_app: AppFactory, old_mariadb: MariaDBServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Never worse than no guard: reads still work on the read-only node.
+    old_mariadb.execute("SET GLOBAL read_only = 1")
+    app, db = make_app(
+        old_mariadb.user_url, STALEGUARD_ROLE="writer", STALEGUARD_CONNECT_WAIT=1
+    )
+    caplog.set_level(logging.WARNING, logger="flask_staleguard")
+    with app.app_context():
+        assert db.session.execute(sa.text("SELECT 1")).scalar_one() == 1
+    said = [r.getMessage() for r in caplog.records]
+    assert (
+        "bind default: no writer within the connect wait (STALEGUARD_CONNECT_WAIT):"
+        " a read-only node is taken"
+    ) in said
+    assert stats(app)["outages"] == 1
 
 
 def test_role_any_leaves_refusals_to_the_app(

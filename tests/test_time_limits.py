@@ -146,9 +146,12 @@ def test_the_connect_time_query_ends_within_the_limit(
     make_app: AppFactory, mariadb_url: str, guard_log: pytest.LogCaptureFixture
 ) -> None:
     # The server stops answering exactly when the guard asks for the timeout.
+    # No connect wait: tried again, the connect would wait for it.
     with TcpProxy("127.0.0.1", 3306, drop_on=b"@@session.wait_timeout") as proxy:
         app, db = make_app(
-            proxy.url_for(mariadb_url), STALEGUARD_DISCOVERY_TIMEOUT=LIMIT
+            proxy.url_for(mariadb_url),
+            STALEGUARD_DISCOVERY_TIMEOUT=LIMIT,
+            STALEGUARD_CONNECT_WAIT=0,
         )
 
         @app.route("/q")
@@ -168,11 +171,14 @@ def test_a_connection_lost_under_the_guards_query_is_not_kept(
 ) -> None:
     # Lost exactly when the guard asks a new connection for its timeout (as a
     # KILL could): kept, it would fail the app's statement with InterfaceError
-    # (0, '') instead of the disconnect that happened.
+    # (0, '') instead of the disconnect that happened. (With the connect wait,
+    # the connect is tried again instead: test_connect.py.)
     with TcpProxy(
         "127.0.0.1", 3306, close_on=b"@@session.wait_timeout", closes=2
     ) as proxy:
-        app, db = make_app(proxy.url_for(mariadb_url))  # the first close: discovery
+        app, db = make_app(  # the first close: discovery
+            proxy.url_for(mariadb_url), STALEGUARD_CONNECT_WAIT=0
+        )
 
         @app.route("/q")
         def query() -> str:
@@ -183,3 +189,21 @@ def test_a_connection_lost_under_the_guards_query_is_not_kept(
         assert isinstance(lost, sa.exc.OperationalError), repr(lost)
         assert lost.orig.args[0] == 2013  # type: ignore[union-attr]
         assert run_with_watchdog(lambda: client.get("/q"), 15).text == "1"
+
+
+def test_a_connection_lost_under_the_guards_query_is_connected_again(
+    make_app: AppFactory, mariadb_url: str
+) -> None:
+    # The same loss inside the connect wait: nothing of the app's was sent, so
+    # the connect is tried again and the request succeeds.
+    with TcpProxy(
+        "127.0.0.1", 3306, close_on=b"@@session.wait_timeout", closes=2
+    ) as proxy:
+        app, db = make_app(proxy.url_for(mariadb_url))
+
+        @app.route("/q")
+        def query() -> str:
+            return str(db.session.execute(sa.text("SELECT 1")).scalar_one())
+
+        assert run_with_watchdog(lambda: app.test_client().get("/q"), 15).text == "1"
+        assert stats(app)["outages"] == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 import typing as t
 
@@ -23,6 +24,7 @@ from ..errors import NoAnswer
 from ..metrics.stats import BindStats
 from . import probe
 from .budget import IdleBudget
+from .connect import trying_once
 from .deadline import shut_down_after
 from .discovery import node_facts
 from .discovery import NodeFacts
@@ -153,6 +155,14 @@ class CheckoutChecks:
         #: Whether the node of the newest connection refused writes when it was
         #: opened; ``None`` until one says.
         self.read_only: bool | None = None
+        #: Given a new connection's ``read_only`` and whether it is the connect's
+        #: last attempt, the role to record for it, or
+        #: :class:`~.connect.RetryConnect` to turn its node down; ``None``: any
+        #: node will do (``STALEGUARD_ROLE = "any"``).
+        self.role_of: t.Callable[[bool | None, bool], bool | None] | None = None
+        # What prepare() learnt, for the connect listener that follows it in
+        # the same thread.
+        self._fresh = threading.local()
 
     def attach(self, engine: t.Any) -> None:
         """Listen to ``engine``'s pool. Listeners survive ``engine.dispose()``."""
@@ -161,37 +171,60 @@ class CheckoutChecks:
         event.listen(engine, "checkout", self._on_checkout)
         event.listen(engine, "checkin", self._on_checkin)
 
+    def prepare(self, dbapi_connection: t.Any, last: bool) -> None:
+        """Inside the pool's connect (the connector's check): learn what the new
+        connection says, and turn its node down when the pool wants a writer and
+        it is read-only, so the connect is tried again (:attr:`role_of`).
+        """
+        facts = self._first_words(dbapi_connection)
+        # The guard's own connections (reports) take the node they find.
+        if facts is not None and self.role_of is not None and not trying_once():
+            facts = facts._replace(read_only=self.role_of(facts.read_only, last))
+        self._fresh.value = (dbapi_connection, facts)
+
     def _on_connect(self, dbapi_connection: t.Any, record: t.Any) -> None:
-        if self.keepalive is not None:
-            # Before the guard's own query: a dead path must not hang it either.
-            self._set_keepalive(dbapi_connection, self.keepalive)
+        fresh = getattr(self._fresh, "value", None)
+        if fresh is not None and fresh[0] is dbapi_connection:
+            self._fresh.value = None
+            facts = fresh[1]
+        else:  # an engine whose connects the connector does not run
+            facts = self._first_words(dbapi_connection)
         budget = self._budget.seconds
         read_only = None
-        if self._watching and self._budget.discovers:
-            try:
-                timeout, read_only = self._node_facts(dbapi_connection)
-            except NoAnswer:
-                raise  # the connection was shut down: the pool must not keep it
-            except Exception as e:
-                if self._lost(e, dbapi_connection):
-                    # Killed under the guard's query: kept, it would fail the
-                    # app's first statement with a less telling error.
-                    raise
-                # Otherwise never fail a connect over a diagnostic.
-                logger.debug(
-                    "bind %s: could not read the idle timeout: %s", self._name, e
-                )
-            else:
-                budget = self._budget.for_timeout(timeout)
-                if read_only is not None:
-                    self.read_only = read_only
-                if self._budget.is_news(timeout):
-                    self._learn(timeout)
+        if facts is not None:
+            timeout, read_only = facts
+            budget = self._budget.for_timeout(timeout)
+            if read_only is not None:
+                self.read_only = read_only
+            if self._budget.is_news(timeout):
+                self._learn(timeout)
         state = record.info[STATE] = self.state(
             dbapi_connection, record, budget, read_only
         )
         if self._guarding and state.probe is None:
             self._tell_hidden()
+
+    def _first_words(self, dbapi_connection: t.Any) -> NodeFacts | None:
+        """Set a new connection's keepalive, then ask its idle timeout and its
+        node's role; ``None`` when not asked, or when asking failed harmlessly.
+        """
+        if self.keepalive is not None:
+            # Before the guard's own query: a dead path must not hang it either.
+            self._set_keepalive(dbapi_connection, self.keepalive)
+        if not (self._watching and self._budget.discovers):
+            return None
+        try:
+            return self._node_facts(dbapi_connection)
+        except NoAnswer:
+            raise  # the connection was shut down: the pool must not keep it
+        except Exception as e:
+            if self._lost(e, dbapi_connection):
+                # Killed under the guard's query: kept, it would fail the app's
+                # first statement with a less telling error.
+                raise
+            # Otherwise never fail a connect over a diagnostic.
+            logger.debug("bind %s: could not read the idle timeout: %s", self._name, e)
+            return None
 
     def _tell_hidden(self) -> None:
         """Say once that the driver hides its socket, and what the pool loses."""

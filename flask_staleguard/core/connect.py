@@ -95,15 +95,20 @@ def one_try() -> t.Iterator[None]:
         _once.on = before
 
 
+def trying_once() -> bool:
+    """Whether this thread's connects are the guard's own (:func:`one_try`)."""
+    return bool(getattr(_once, "on", False))
+
+
 class RetryConnect(Exception):
     """Raised by a connect check (:attr:`Connector.check`) to refuse a new
     connection: it is closed, and the connect is tried again within the wait.
     """
 
 
-#: Called with each new DBAPI connection inside the connect loop; raises
-#: :class:`RetryConnect` to refuse it.
-Check = t.Callable[[t.Any], None]
+#: Called with each new DBAPI connection inside the connect loop, and whether it
+#: is the last attempt within the wait; raises :class:`RetryConnect` to refuse it.
+Check = t.Callable[[t.Any, bool], None]
 
 
 def transient(error: BaseException) -> bool:
@@ -214,14 +219,16 @@ class Connector:
         and tried again through transient failures within the wait.
         """
         restore = self._bound(cparams)
-        if getattr(_once, "on", False):
+        if trying_once():
             try:
-                return self._attempt(original, cargs, cparams, restore)
+                return self._attempt(original, cargs, cparams, restore, last=True)
             except RetryConnect as e:
                 raise _final(e) from e
         if not self._outage:
             try:
-                return self._attempt(original, cargs, cparams, restore)
+                return self._attempt(
+                    original, cargs, cparams, restore, last=self.wait <= 0
+                )
             except Exception as e:
                 if self.wait <= 0 or not transient(e):
                     if isinstance(e, RetryConnect):
@@ -249,18 +256,35 @@ class Connector:
         while True:
             left = deadline - self._clock()
             if left <= 0 or not self._lock.acquire(timeout=left):
+                if isinstance(last or self._last_error, RetryConnect):
+                    # Turned down, not failed: the node answers, and on the last
+                    # attempt the check takes what it finds.
+                    try:
+                        connection = self._attempt(
+                            original, cargs, cparams, restore, last=True
+                        )
+                    except RetryConnect as e:
+                        raise self._give_up(e) from None
+                    self._ended()
+                    return connection
                 raise self._give_up(last)
             try:
+                last_try = False
                 if self._outage:
                     # The last attempt comes at the deadline, not a pause before.
+                    last_try = self._next_attempt >= deadline
                     rest = min(self._next_attempt, deadline) - self._clock()
                     if rest > 0:
                         time.sleep(rest)  # looked up now: gevent patches it
                 try:
-                    connection = self._attempt(original, cargs, cparams, restore)
+                    connection = self._attempt(
+                        original, cargs, cparams, restore, last=last_try
+                    )
                 except Exception as e:
                     if not transient(e):
                         raise
+                    if last_try and isinstance(e, RetryConnect):
+                        raise self._give_up(e) from None  # turned down at the last
                     last = e
                     self._failed(e, self._clock())
                     continue
@@ -289,7 +313,10 @@ class Connector:
         cargs: tuple[t.Any, ...],
         cparams: dict[str, t.Any],
         restore: tuple[str, ...],
+        *,
+        last: bool,
     ) -> t.Any:
+        """One connect; ``last``: the check may not refuse it, as none follows."""
         connection = original(*cargs, **cparams)
         try:
             if restore:
@@ -300,7 +327,7 @@ class Connector:
                     None if "write_timeout" in restore else write,
                 )
             if self.check is not None:
-                self.check(connection)
+                self.check(connection, last)
         except BaseException:
             try:
                 connection.close()

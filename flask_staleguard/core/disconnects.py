@@ -153,6 +153,8 @@ class DisconnectReports:
         self._dialect: t.Any = None
         #: ``time.time()`` of the last failover that invalidated the pool.
         self._failover_at = 0.0
+        #: Called once per failover; ``None``: nothing to tell.
+        self.on_failover: t.Callable[[], None] | None = None
 
     def attach(self, engine: sa.engine.Engine) -> None:
         """Listen to ``engine``: disconnects are counted when the pool invalidates
@@ -192,6 +194,8 @@ class DisconnectReports:
             # event, met by another holder.
             return
         self._failover_at = time.time()
+        if self.on_failover is not None:
+            self.on_failover()
         cause = FAILOVERS[label]
         logger.warning(
             "bind %s: %s (failover?): pool invalidated", self._sender.name, cause

@@ -9,11 +9,15 @@ the name or the proxy leads now. Only failed statements pay for the check.
 
 from __future__ import annotations
 
+import logging
 import typing as t
 
 from .._private import judge_disconnects
 from .checkout import STATE
+from .connect import RetryConnect
 from .disconnects import failover_label
+
+logger = logging.getLogger("flask_staleguard")
 
 #: PostgreSQL's parameters that say its node refuses writes, reported to the
 #: client at connect and with the first reply after they change (14+).
@@ -65,3 +69,49 @@ def reported(driver_connection: t.Any, name: str) -> str | None:
     except Exception:  # a closed connection: it says nothing
         return None
     return None
+
+
+class WriterWanted:
+    """Whether a pool's new connections must land on a writer: always (role
+    ``"writer"``), or from a failover until one does (role ``"auto"``).
+
+    After a failover, DNS caches and proxies send new connections to the old node
+    for a while: turned down, they are tried again within the connect wait
+    (:class:`~.connect.Connector`), as libpq's ``target_session_attrs`` does.
+    """
+
+    def __init__(self, name: str, role: str) -> None:
+        self._name = name
+        self._always = role == "writer"
+        #: Whether a failover made the pool want a writer, until one is found.
+        self.wanted = False
+
+    def failover(self) -> None:
+        """The pool's writer became read-only: its next connections must not."""
+        self.wanted = True
+
+    def role_of(self, read_only: bool | None, last: bool) -> bool | None:
+        """The role to record for a new connection whose node said ``read_only``,
+        on the connect's ``last`` attempt or not; raises
+        :class:`~.connect.RetryConnect` to turn the node down.
+        """
+        if read_only is not True:
+            if read_only is False:
+                self.wanted = False  # a writer again: the failover is over
+            return read_only
+        if not (self._always or self.wanted):
+            return True  # a replica, or a pool that reads from any node
+        if not last:
+            raise RetryConnect(
+                f"bind {self._name}: the new connection's node is read-only, and"
+                " the pool wants a writer"
+            )
+        # Never worse than no guard: a read-only node still serves reads. Taken
+        # as the pool's writer, its first refused write is a failover again.
+        self.wanted = False
+        logger.warning(
+            "bind %s: no writer within the connect wait (STALEGUARD_CONNECT_WAIT):"
+            " a read-only node is taken",
+            self._name,
+        )
+        return False

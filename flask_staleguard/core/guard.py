@@ -30,6 +30,7 @@ from .connect import Connector
 from .derive import derive_engine_options
 from .disconnects import DisconnectReports
 from .failover import watch_for_demotions
+from .failover import WriterWanted
 from .holders import Holders
 from .keepalive import keepalive_for
 from .options import GuardOptions
@@ -126,6 +127,14 @@ class PoolGuard:
         self.connector = Connector(
             name, options.connect_timeout, options.connect_wait, self.stats, secrets
         )
+        self.connector.check = self._checks.prepare
+        #: Whether new connections must land on a writer (``STALEGUARD_ROLE``);
+        #: ``None``: any node will do.
+        self.writer_wanted: WriterWanted | None = None
+        if self.strategy != "off" and options.role != "any":
+            self.writer_wanted = WriterWanted(name, options.role)
+            self._checks.role_of = self.writer_wanted.role_of
+            self._reports.on_failover = self.writer_wanted.failover
         self._engines: weakref.WeakSet[sa.engine.Engine] = weakref.WeakSet()
 
     def __repr__(self) -> str:
