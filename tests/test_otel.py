@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import typing as t
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,8 @@ from tests.helpers import AppFactory
 from tests.helpers import connection_id
 from tests.helpers import fail_after_a_kill
 from tests.helpers import stats
+from tests.proxies import TcpProxy
+from tests.servers import free_port
 from tests.servers import MariaDBServer
 from tests.webservers import Gunicorn
 
@@ -152,6 +155,30 @@ def test_a_leak_is_counted_and_its_return_said_once(
     assert len(said) == 1 and said[0].levelno == logging.WARNING
     seconds = float(said[0].getMessage().split(" after ")[1].split(" s ")[0])
     assert 0.3 <= seconds < 5
+
+
+def test_a_connect_waited_for_is_counted(mariadb_url: str) -> None:
+    # Refused for half a second (the proxy's upstream is a closed port), then the
+    # server is there: the connect waits, and the metrics count the outage.
+    proxy = TcpProxy("127.0.0.1", free_port())
+    proxy.start()
+    engine = sa.create_engine(proxy.url_for(mariadb_url))
+    try:
+        protection = protect(engine, name="jobs", connect_wait=10)
+        reader = InMemoryMetricReader()
+        instrument(protection, MeterProvider(metric_readers=[reader]))
+        threading.Timer(0.5, setattr, (proxy, "target_port", 3306)).start()
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+        points = read(reader)
+        counts = protection.stats()
+    finally:
+        engine.dispose()
+        proxy.stop()
+    jobs = ("db.client.connection.pool.name", "jobs")
+    assert points[("flask_staleguard.connect.outages", (jobs,))] == 1
+    retries = points[("flask_staleguard.connect.retries", (jobs,))]
+    assert retries == counts["connect_retries"] >= 1
 
 
 def test_a_protected_engine_held_too_long(

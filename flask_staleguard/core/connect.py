@@ -163,6 +163,9 @@ class Connector:
         self._clock = clock
         #: Called on each new connection inside the loop; ``None``: none.
         self.check: Check | None = None
+        #: Whether it runs the pool's connects (not for asyncio engines, nor
+        #: engines made with ``creator=``).
+        self.running = False
         self._driver = ""
         # Held only by a pool in an outage, by the one thread that connects.
         self._lock = threading.Lock()
@@ -208,6 +211,7 @@ class Connector:
             # Never wait longer than a checkout may wait for a pooled connection.
             self.wait = min(self.wait, float(pool_timeout()))
         _private.wrap_dialect_connect(dialect, self.connect)
+        self.running = True
 
     def connect(
         self,

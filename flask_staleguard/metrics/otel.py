@@ -107,6 +107,10 @@ class _Instruments:
              "Connections still checked out when their app context ended."),
             ("flask_staleguard.leaks.returned", self._returned, "{connection}",
              "Connections reported as leaked or held too long, returned later."),
+            ("flask_staleguard.connect.outages", self._outages, "{outage}",
+             "New connections that failed for a transient reason and were waited for."),
+            ("flask_staleguard.connect.retries", self._retries, "{connect}",
+             "Connects tried again during outages."),
         ]  # fmt: skip
         for name, callback, unit, description in counters:
             meter.create_observable_counter(
@@ -217,6 +221,14 @@ class _Instruments:
     def _returned(self, options: CallbackOptions) -> Iterable[Observation]:
         for guard, _, pool_name in self._live():
             yield Observation(guard.stats.leaks_returned, pool_name)
+
+    def _outages(self, options: CallbackOptions) -> Iterable[Observation]:
+        for guard, _, pool_name in self._live():
+            yield Observation(guard.stats.outages, pool_name)
+
+    def _retries(self, options: CallbackOptions) -> Iterable[Observation]:
+        for guard, _, pool_name in self._live():
+            yield Observation(guard.stats.connect_retries, pool_name)
 
     def _idle_budget(self, options: CallbackOptions) -> Iterable[Observation]:
         for guard, _, pool_name in self._live():

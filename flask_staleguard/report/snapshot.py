@@ -167,6 +167,9 @@ def _guard_facts(guard: PoolGuard, pool: sa.pool.Pool) -> Report:
         "applied": dict(guard.applied),
         "role": guard.options.role,
         "node_role": guard.node_role,
+        # None where the guard does not run the connects (asyncio, creator=).
+        "connect_timeout": guard.connector.timeout if guard.connector.running else None,
+        "connect_wait": guard.connector.wait if guard.connector.running else None,
         "liveness_probe": None,
         "keepalive": None,
         "read_timeout": None,

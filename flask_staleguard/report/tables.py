@@ -61,6 +61,7 @@ def _format_bind(r: Report) -> str:
         timer += f"; STALEGUARD_IDLE_TIMEOUT {seconds_text(r['idle_timeout'])}"
     rows.append(("Idle budget", f"{seconds_text(r['idle_budget'])} ({timer})"))
     rows.append(("Max lifetime", _lifetime_text(r["max_lifetime"], r["strategy"])))
+    rows.append(("Connects", _connects_text(r["connect_timeout"], r["connect_wait"])))
     set_by = " (set by staleguard)"
     rows.append(
         (
@@ -173,10 +174,22 @@ def keepalive_text(keepalive: Report | None) -> str:
 
 def _lifetime_text(maximum: float | None, strategy: str) -> str:
     """``"1800 s (each connection 1350 s to 1800 s)"``, or why there is none."""
+    if maximum is None and strategy == "off":
+        return "none (strategy off)"
     if maximum is None:
-        return f"none (strategy {strategy}: only guard applies one)"
+        return f"none of its own (strategy {strategy}: pool_recycle, capped at it)"
     most = seconds_text(maximum)
     return f"{most} (each connection {seconds_text(maximum * (1 - JITTER))} to {most})"
+
+
+def _connects_text(timeout: float | None, wait: float | None) -> str:
+    """How the guard runs a bind's new connections."""
+    if timeout is None or wait is None:
+        return "left to the driver (an asyncio engine, or creator=)"
+    text = f"each within {seconds_text(timeout)}"
+    if wait:
+        return f"{text}; tried again for up to {seconds_text(wait)} through an outage"
+    return f"{text}; not tried again (STALEGUARD_CONNECT_WAIT 0)"
 
 
 def _or_unknown(value: t.Any) -> str:
@@ -191,5 +204,7 @@ def _format_stats(stats: Report) -> str:
         f"{stats['checkouts']} checkouts; replaced: {counts(stats['replaced'])};"
         f" disconnects: {counts(stats['disconnects'])};"
         f" leaks: {stats['leaks_detected']} ({stats['leaks_reclaimed']} reclaimed,"
-        f" {stats['leaks_returned']} returned late)"
+        f" {stats['leaks_returned']} returned late);"
+        f" outages: {stats['outages']} ({stats['connect_retries']} connects tried"
+        " again)"
     )
