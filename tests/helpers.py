@@ -118,6 +118,20 @@ def request_ids(app: Flask, n: int = 8) -> list[int]:
     return ids
 
 
+def failed_writes(app: Flask, writes: int) -> int:
+    """Of ``writes`` requests to ``POST /w`` one after another, how many failed
+    with a database error.
+    """
+    client = app.test_client()
+    failed = 0
+    for _ in range(writes):
+        try:
+            client.post("/w")
+        except sa.exc.DBAPIError:
+            failed += 1
+    return failed
+
+
 def connection_id(db: SQLAlchemy, bind: str | None = None) -> int:
     """The server-side id of the connection a fresh checkout gets."""
     with db.engines[bind].connect() as conn:

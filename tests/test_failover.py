@@ -20,6 +20,7 @@ from flask_sqlalchemy import SQLAlchemy
 from flask_staleguard.core.checkout import STATE
 from flask_staleguard.core.disconnects import failover_label
 from tests.helpers import AppFactory
+from tests.helpers import failed_writes
 from tests.helpers import stats
 from tests.proxies import TcpProxy
 from tests.servers import MariaDBServer
@@ -93,17 +94,6 @@ def _writing_app(
     return app, db
 
 
-def _failed_writes(app: Flask) -> int:
-    client = app.test_client()
-    failed = 0
-    for _ in range(WRITES):
-        try:
-            client.post("/w")
-        except sa.exc.DBAPIError:
-            failed += 1
-    return failed
-
-
 def _rows_on(server: MariaDBServer | PostgresServer) -> int:
     return int(server.execute("SELECT count(*) FROM moves")[0][0])
 
@@ -128,7 +118,7 @@ def test_mariadb_failover_costs_at_most_one_write(
     app, _ = _writing_app(make_app, mariadb_proxy.url_for(old_mariadb.user_url), guard)
     caplog.set_level(logging.WARNING, logger="flask_staleguard")
     _fail_over_mariadb(old_mariadb, new_mariadb, mariadb_proxy)
-    failed = _failed_writes(app)
+    failed = failed_writes(app, WRITES)
     print(f"MariaDB failover, guard={guard}: {failed} of {WRITES} writes failed")
     if not guard:
         # Without the guard the pool keeps every session on the old writer.
@@ -173,7 +163,7 @@ def test_a_replica_bind_is_left_alone(
     old_mariadb.execute("SET GLOBAL read_only = 1")
     app, db = _writing_app(make_app, mariadb_proxy.url_for(old_mariadb.user_url), True)
     seen = mariadb_proxy.connections_seen
-    assert _failed_writes(app) == WRITES
+    assert failed_writes(app, WRITES) == WRITES
     assert mariadb_proxy.connections_seen == seen
     assert stats(app)["disconnects"] == {}
 
@@ -199,7 +189,7 @@ def test_new_connections_wait_for_the_new_writer(
     )
     move.start()
     try:
-        failed = _failed_writes(app)
+        failed = failed_writes(app, WRITES)
     finally:
         move.cancel()
     print(f"MariaDB failover, new connections late, role={role}: {failed} failed")
@@ -237,7 +227,7 @@ def test_role_any_leaves_refusals_to_the_app(
     url = mariadb_proxy.url_for(old_mariadb.user_url)
     app, _ = _writing_app(make_app, url, True, STALEGUARD_ROLE="any")
     _fail_over_mariadb(old_mariadb, new_mariadb, mariadb_proxy)
-    assert _failed_writes(app) == WRITES
+    assert failed_writes(app, WRITES) == WRITES
     assert stats(app)["disconnects"] == {}
 
 
@@ -272,7 +262,7 @@ def test_postgres_failover_costs_at_most_one_write(
     app, _ = _writing_app(make_app, postgres_proxy.url_for(postgres.url), guard)
     postgres.alter_system("default_transaction_read_only", "on")
     postgres_proxy.target_port = new_postgres.port
-    failed = _failed_writes(app)
+    failed = failed_writes(app, WRITES)
     print(f"PostgreSQL failover, guard={guard}: {failed} of {WRITES} writes failed")
     if not guard:
         # A backend applies the reload when its signal arrives: under load, the

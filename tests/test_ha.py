@@ -22,6 +22,7 @@ from tests.ha import promote
 from tests.ha import replay_caught_up
 from tests.ha import wait_until
 from tests.helpers import AppFactory
+from tests.helpers import failed_writes
 from tests.helpers import stats
 from tests.servers import MariaDBServer
 from tests.servers import PostgresServer
@@ -50,18 +51,6 @@ def writing_app(make_app: AppFactory, url: str, guard: bool, node: str) -> Flask
             conn.execute(sa.text("SELECT 1"))
             conn.close()
     return app
-
-
-def failed_writes(app: Flask) -> int:
-    """Of ``WRITES`` requests one after another, how many failed."""
-    client = app.test_client()
-    failed = 0
-    for _ in range(WRITES):
-        try:
-            client.post("/w")
-        except sa.exc.DBAPIError:
-            failed += 1
-    return failed
 
 
 def rows(server: MariaDBServer | PostgresServer, node: int) -> int:
@@ -125,7 +114,7 @@ def test_mariadb_switchover(
     wait_until("sessions", lambda: replication.haproxy.sessions(old_name) == left)
     assert _server_id(new) != _server_id(old)
     before = rows(new, _server_id(new))
-    failed = failed_writes(bare), failed_writes(guarded)
+    failed = failed_writes(bare, WRITES), failed_writes(guarded, WRITES)
     sessions = "shut down" if shut_down else "kept"
     report(f"MariaDB switchover, sessions {sessions}", *failed)
 
@@ -175,7 +164,7 @@ def test_galera_node_leaves_the_primary_component(
         target = min(others)
         galera.haproxy.move_to(target)
         before = rows(galera.nodes[target], galera.nodes[target].port)
-        failed = failed_writes(bare), failed_writes(guarded)
+        failed = failed_writes(bare, WRITES), failed_writes(guarded, WRITES)
         report("Galera node out of the primary component (1047)", *failed)
         landed = rows(galera.nodes[target], galera.nodes[target].port) - before
     finally:
@@ -204,7 +193,7 @@ def test_galera_node_killed(make_app: AppFactory, galera: GaleraCluster) -> None
     galera.haproxy.move_to(target)
     galera.wait_for_view(others)
     before = rows(galera.nodes[target], galera.nodes[target].port)
-    failed = failed_writes(bare), failed_writes(guarded)
+    failed = failed_writes(bare, WRITES), failed_writes(guarded, WRITES)
     report("Galera node killed", *failed)
 
     landed = rows(galera.nodes[target], galera.nodes[target].port) - before
@@ -249,7 +238,7 @@ def test_postgres_switchover_restarts_the_old_primary_as_standby(
     follow(old, new)
     streaming.swap()
     before = rows(new, new.port)
-    failed = failed_writes(bare), failed_writes(guarded)
+    failed = failed_writes(bare, WRITES), failed_writes(guarded, WRITES)
     report("PostgreSQL switchover, old primary restarted as standby", *failed)
 
     assert rows(new, new.port) - before == 2 * WRITES - sum(failed)
@@ -272,7 +261,7 @@ def test_postgres_soft_demotion(make_app: AppFactory, streaming: PostgresPair) -
     streaming.haproxy.move_to(streaming.name_of(new))
     streaming.swap()
     before = rows(new, new.port)
-    failed = failed_writes(bare), failed_writes(guarded)
+    failed = failed_writes(bare, WRITES), failed_writes(guarded, WRITES)
     report("PostgreSQL soft demotion (default_transaction_read_only)", *failed)
 
     assert rows(new, new.port) - before == 2 * WRITES - sum(failed)
