@@ -179,7 +179,7 @@ class CheckoutChecks:
         facts = self._first_words(dbapi_connection)
         # The guard's own connections (reports) take the node they find.
         if facts is not None and self.role_of is not None and not trying_once():
-            facts = facts._replace(read_only=self.role_of(facts.read_only, last))
+            facts = NodeFacts(facts.idle_timeout, self.role_of(facts.read_only, last))
         self._fresh.value = (dbapi_connection, facts)
 
     def _on_connect(self, dbapi_connection: t.Any, record: t.Any) -> None:
