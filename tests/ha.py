@@ -297,6 +297,11 @@ class GaleraNode(MariaDBServer):
         # A joiner's datadir is filled by the state transfer, its users included.
         return self.joiner or super()._datadir_initialised()
 
+    def _tmpdir(self) -> Path:
+        path = super()._tmpdir()
+        os.chown(path, *self._owner)  # the server writes there as `mysql`
+        return path
+
     def _init_datadir(self) -> None:
         self.datadir.mkdir(parents=True, exist_ok=True)
         os.chown(self.datadir, *self._owner)
@@ -305,6 +310,7 @@ class GaleraNode(MariaDBServer):
             "--no-defaults",
             f"--user={GALERA_USER}",
             f"--datadir={self.datadir}",
+            f"--tmpdir={self._tmpdir()}",
             "--auth-root-authentication-method=normal",
         ]
         self._run_setup_tool("mariadb-install-db", args)
