@@ -27,6 +27,7 @@ from prometheus_client import Gauge
 from prometheus_client import generate_latest
 from prometheus_client import multiprocess
 from prometheus_client import REGISTRY
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -61,7 +62,8 @@ class _Metrics:
 
 
 class _PoolCollector(Collector):
-    """The semantic conventions' pool gauges, read from each pool at scrape time.
+    """The semantic conventions' pool gauges, read from each pool at scrape time,
+    and the connect counters, read from each guard's stats.
 
     Only this process's pools: in multiprocess mode, :func:`generate` leaves
     them out (each gunicorn worker has its own pool; OpenTelemetry exports each).
@@ -87,10 +89,23 @@ class _PoolCollector(Collector):
                 ("idle_min", "The minimum number of idle open connections allowed."),
             )
         }
+        connects = {
+            field: CounterMetricFamily(
+                f"flask_staleguard_connect_{name}", description, labels=[POOL]
+            )
+            for field, name, description in (
+                ("outages", "outages", "New connections that failed for a"
+                 " transient reason and were waited for."),
+                ("connect_retries", "retries", "Connects tried again during"
+                 " outages."),
+            )
+        }  # fmt: skip
         for guard_ref, engine_ref in list(self.pools):
             guard, engine = guard_ref(), engine_ref()
             if guard is None or engine is None:
                 continue
+            for field, counter in connects.items():
+                counter.add_metric([guard.name], getattr(guard.stats, field))
             state = pool_state(guard, engine.pool)
             count.add_metric([guard.name, "used"], state.used)
             if state.idle is not None:
@@ -101,6 +116,7 @@ class _PoolCollector(Collector):
                     family.add_metric([guard.name], value)
         yield count
         yield from limits.values()
+        yield from connects.values()
 
 
 # One set per registry: prometheus_client refuses to register a name twice, and
