@@ -10,6 +10,8 @@ Scenarios (``--scenarios``, comma-separated; default all):
 ``keepalive``   what setting the TCP keepalive costs a new connection
 ``instructions`` instructions per request of every variant, counted by valgrind
                 (not in the default set: it needs valgrind and about 5 minutes)
+``moves``       failover, restart and a silent server, on private servers of its
+                own (not in the default set: about 2 minutes)
 
 Writes ``<out>/<stamp>-<mode>[-label].md`` (the tables, also printed),
 ``.json`` (a pyperf suite: every variant's per-round values, the machine and
@@ -35,7 +37,7 @@ from . import report
 
 SCENARIOS = ("pool", "latency", "reconnects", "statements", "keepalive")
 #: Run only when asked for.
-EXTRA_SCENARIOS = ("instructions",)
+EXTRA_SCENARIOS = ("instructions", "moves")
 VARIANTS = ["bare", "pre_ping", "recycle", "guard"]
 
 #: Per mode: how long each scenario may run. ``full`` takes about 6 minutes,
@@ -55,6 +57,7 @@ PLANS: dict[str, dict[str, t.Any]] = {
         "statements": {"rounds": 60, "statements": 2000},
         "keepalive": {"rounds": 20, "connections": 50},
         "instructions": {"small": 500, "large": 2500, "timeout": 900.0},
+        "moves": {"writes": 50, "pools": 3, "threads": 6, "extra": 3, "watchdog": 25.0},
     },
     "quick": {
         "pool": {"rounds": 8, "requests": 400, "time_limit": 18.0},
@@ -68,6 +71,7 @@ PLANS: dict[str, dict[str, t.Any]] = {
         "statements": {"rounds": 10, "statements": 500},
         "keepalive": {"rounds": 6, "connections": 20},
         "instructions": {"small": 100, "large": 500, "timeout": 600.0},
+        "moves": {"writes": 20, "pools": 3, "threads": 6, "extra": 3, "watchdog": 25.0},
     },
 }
 
@@ -202,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             lines += found_lines
             benchmarks += found
+        if "moves" in args.scenario_list:
+            from . import moves
+
+            log("scenario moves: failover, restart, silent server")
+            lines += moves.run(variants=VARIANTS, log=log, **plan["moves"])
         if "reconnects" in args.scenario_list:
             from . import reconnects
 

@@ -106,14 +106,19 @@ class BenchApp:
 
 
 def build(
-    variant: str, url: str, engine_options: t.Mapping[str, t.Any] | None = None
+    variant: str,
+    url: str,
+    engine_options: t.Mapping[str, t.Any] | None = None,
+    config: t.Mapping[str, t.Any] | None = None,
 ) -> BenchApp:
     """Build ``variant``'s app against ``url`` (StaleGuard first, as documented),
-    its engine created with ``engine_options`` besides the variant's own.
+    its engine created with ``engine_options`` besides the variant's own, and
+    ``config`` (``STALEGUARD_*`` keys, say) in every variant's app config.
     """
     if variant not in ALL:
         raise ValueError(f"unknown variant {variant!r}; choose from {ALL}")
     app = Flask(f"bench_{variant}_{next(_names)}")
+    app.config.update(config or {})
     app.config["SQLALCHEMY_DATABASE_URI"] = url
     options = dict(engine_options or {})
     if variant == "pre_ping":
@@ -198,6 +203,7 @@ def build_all(
     variants: t.Iterable[str],
     url: str,
     engine_options: t.Mapping[str, t.Any] | None = None,
+    config: t.Mapping[str, t.Any] | None = None,
 ) -> dict[str, BenchApp]:
     """Build each of ``variants`` against ``url``."""
-    return {v: build(v, url, engine_options) for v in variants}
+    return {v: build(v, url, engine_options, config) for v in variants}
