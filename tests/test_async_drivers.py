@@ -26,6 +26,10 @@ from tests.proxies import TcpProxy
 from tests.servers import MariaDBServer
 from tests.servers import PostgresServer
 
+#: Its target fixture picks a server with getfixturevalue, which tests/tiers.py
+#: cannot see.
+pytestmark = pytest.mark.integration
+
 POOL = {"pool_size": 3, "max_overflow": 0}
 REQUESTS = 6
 MYSQL_ID = "SELECT CONNECTION_ID()"
