@@ -21,6 +21,9 @@ from tests.helpers import AppFactory
 from tests.helpers import GUARDS
 from tests.servers import MariaDBServer
 from tests.servers import PostgresServer
+from tests.tiers import mark_integration
+from tests.tiers import needs_servers
+from tests.tiers import Tripwire
 
 #: The machine's shared MariaDB: read-only use; never change its globals or KILL.
 SHARED_MARIADB_URL = os.environ.get(
@@ -30,6 +33,42 @@ SHARED_MARIADB_URL = os.environ.get(
 SHARED_POSTGRES_URL = os.environ.get(
     "STALEGUARD_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "integration: needs a server, root or a network namespace (tests/tiers.py)",
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    mark_integration(items)
+
+
+#: Armed when the session selected no integration test: see _fast_tier_tripwire.
+_FAST_SESSION = pytest.StashKey[bool]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    session.config.stash[_FAST_SESSION] = not any(map(needs_servers, session.items))
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_tripwire(request: pytest.FixtureRequest) -> Iterator[None]:
+    """In a fast-tier session, a test that connects or starts a process fails.
+
+    Only then: in a full run, an integration test's leftovers (a proxy thread, a
+    pool's late reconnect) could trip it during a fast test.
+    """
+    if not request.config.stash.get(_FAST_SESSION, False):
+        yield
+        return
+    wire = Tripwire()
+    with wire.armed():
+        yield
+    if wire.attempts:
+        pytest.fail(f"fast-tier test reached out: {wire.attempts}", pytrace=False)
 
 
 def _reachable(url: str) -> str | None:

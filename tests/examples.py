@@ -308,7 +308,9 @@ def expected(fault: str, replaced: dict[str, int]) -> bool:
     by its budget.
     """
     if fault == "idle":
-        return replaced == {"idle_budget": WARM}
+        # At least the WARM stale ones: on a loaded machine a connection opened
+        # for a request may idle past the 1.8 s budget again before the next.
+        return set(replaced) == {"idle_budget"} and replaced["idle_budget"] >= WARM
     if fault == "kill":
         return replaced == {"probe_eof": WARM}
     return sum(replaced.values()) == WARM and set(replaced) <= {

@@ -150,6 +150,22 @@ def fail_after_a_kill(app: Flask, db: SQLAlchemy, server: MariaDBServer) -> None
             connection_id(db)
 
 
+def outlive(server: MariaDBServer, ids: t.Iterable[int], timeout: float = 30.0) -> None:
+    """Wait until ``server`` has closed every connection in ``ids`` (their
+    ``wait_timeout`` ran out), polling its process list: the event itself, where a
+    fixed sleep past the timeout would guess at it. Fails after ``timeout`` s."""
+    waiting = set(ids)
+    deadline = time.monotonic() + timeout
+    while waiting:
+        waiting &= {int(row["ID"]) for row in server.processlist()}
+        if waiting and time.monotonic() > deadline:
+            raise AssertionError(
+                f"connections {sorted(waiting)} open after {timeout} s"
+            )
+        if waiting:
+            time.sleep(0.1)
+
+
 def engine_connection_id(engine: sa.engine.Engine) -> int:
     """The server-side id of the connection a checkout from ``engine`` gets."""
     with engine.connect() as conn:

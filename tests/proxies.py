@@ -287,6 +287,15 @@ class TcpProxy:
                 conn.client.sendall(data)
         return len(conns)
 
+    def drop_all(self) -> int:
+        """Forward nothing more on every current connection, as ``idle_drop`` does
+        once its timer runs out, but now: no timer for a loaded machine to race."""
+        with self._lock:
+            conns = [conn for conn in self._connections if not conn.closing.is_set()]
+        for conn in conns:
+            conn.dropping = True
+        return len(conns)
+
     def close_all(self, *, reset: bool = False) -> int:
         """Close every current connection now (FIN, or RST to clients); return count."""
         with self._lock:

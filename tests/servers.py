@@ -13,6 +13,7 @@ import ctypes.util
 import functools
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -72,12 +73,33 @@ class ServerStartError(RuntimeError):
     """A helper process did not come up; the message carries its log tail."""
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out as a client's source port."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+#: Where free_port() looks: below the ephemeral range, so no client connection
+#: (of this run or of a tox env running beside it) takes a stopped server's port
+#: as its source port before the server restarts on it.
+_PORTS = range(20000, max(20001, min(_ephemeral_low(), 32768)))
+
+
 def free_port() -> int:
     """Return a 127.0.0.1 TCP port that was free a moment ago (racy, fine for tests)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOCALHOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        for port in random.sample(_PORTS, min(64, len(_PORTS))):
+            try:
+                sock.bind((LOCALHOST, port))
+                return port
+            except OSError:
+                continue
+        sock.bind((LOCALHOST, 0))  # all tried were taken: let the kernel choose
+        found: int = sock.getsockname()[1]
+        return found
 
 
 def as_user(user: str, death_signal: str, args: Sequence[str]) -> list[str]:

@@ -293,6 +293,7 @@ def test_sqlite_is_reported_but_not_a_failure(
     assert lines[-1] == "No problems found in default, cache."
 
 
+@pytest.mark.integration  # connects to a closed port
 @pytest.mark.parametrize("scheme", ["mysql+pymysql", "postgresql+psycopg"])
 def test_unreachable_database_exits_2(make_app: AppFactory, scheme: str) -> None:
     url = f"{scheme}://sg:{APP_PASSWORD}@127.0.0.1:{free_port()}/x"

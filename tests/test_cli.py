@@ -229,6 +229,7 @@ def test_cli_process_sees_the_web_workers_connections(
     assert APP_PASSWORD not in result.stdout + result.stderr
 
 
+@pytest.mark.integration  # connects to a closed port
 def test_unreachable_server_exits_2_with_one_line(tmp_path: Path) -> None:
     url = f"mysql+pymysql://sg:{APP_PASSWORD}@127.0.0.1:{free_port()}/staleguard"
     result = run_flask(tmp_path, {"SQLALCHEMY_DATABASE_URI": url}, "pool")

@@ -270,6 +270,7 @@ def test_database_down_at_startup(
         assert pool_json(app)["pool_recycle"] == 1
 
 
+@pytest.mark.integration  # connects to a closed port
 def test_unreachable_port_does_not_block_startup(
     make_app: AppFactory, guard_log: pytest.LogCaptureFixture
 ) -> None:

@@ -21,6 +21,9 @@ from tests.servers import HAProxy
 from tests.servers import MariaDBServer
 from tests.servers import PgBouncer
 
+#: Starts its own servers and proxies (tests/tiers.py).
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="session")
 def infra_mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDBServer]:

@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 import flask_staleguard
 
 PACKAGE = pathlib.Path(flask_staleguard.__file__).parent
@@ -94,6 +96,7 @@ print(sorted(m for m in sys.modules if m.startswith("flask")))
 """
 
 
+@pytest.mark.integration  # starts an interpreter
 def test_the_core_runs_without_flask() -> None:
     code = f"PACKAGE = {str(PACKAGE)!r}\n{_WITHOUT_FLASK}"
     result = subprocess.run(

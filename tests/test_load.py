@@ -33,6 +33,7 @@ from sqlalchemy import event
 
 from flask_staleguard.core.checkout import STATE
 from tests.helpers import AppFactory
+from tests.helpers import outlive
 from tests.helpers import replaced
 from tests.helpers import unwrapped
 from tests.servers import MariaDBServer
@@ -120,12 +121,20 @@ def add_routes(app: Flask, db: SQLAlchemy) -> None:
 
 
 def client_thread(
-    app: Flask, tracker: Tracker, index: int, outcomes: list[Outcome]
+    app: Flask,
+    tracker: Tracker,
+    index: int,
+    outcomes: list[Outcome],
+    quiet: threading.Barrier,
 ) -> None:
     client = app.test_client()
     rng = random.Random(index)
     for n in range(PER_THREAD):
-        if n in (20, 40):  # a quiet spell: pooled connections idle past 1 s
+        if n in (20, 40):
+            # A quiet spell: pooled connections idle past 1 s. Every thread
+            # enters it together: on a loaded machine threads drift apart, and
+            # one still busy would keep the pool's connections from idling.
+            quiet.wait()
             time.sleep(1.3)
         write = n % 2 == 0
         outcome = Outcome(f"{index}-{n}", write, time.monotonic(), 0.0)
@@ -287,8 +296,9 @@ def test_load_with_faults_loses_nothing(
     restart_thread = threading.Thread(
         target=restarter, args=(load_server, faults, outcomes)
     )
+    quiet = threading.Barrier(THREADS, timeout=30)
     clients = [
-        threading.Thread(target=client_thread, args=(app, tracker, i, outcomes))
+        threading.Thread(target=client_thread, args=(app, tracker, i, outcomes, quiet))
         for i in range(THREADS)
     ]
     started = time.monotonic()
@@ -353,9 +363,10 @@ def test_load_with_faults_loses_nothing(
     client = app.test_client()
     for _ in range(12):  # pool_size
         assert client.get("/r").status_code == 200
-    assert load_server.kill_connections("sg")
+    killed = load_server.kill_connections("sg")
+    assert killed
     before = replaced(app)
-    time.sleep(0.05)  # the FINs arrive
+    outlive(load_server, killed)  # closed by the server: the FINs are there
     assert client.get("/r").status_code == 200
     after = replaced(app)
     probed = [after.get(r, 0) - before.get(r, 0) for r in ("probe_eof", "probe_reset")]

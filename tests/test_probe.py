@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import time
+import typing as t
 
 import pymysql
+import pytest
 
 from flask_staleguard.core import probe
 from tests.servers import MariaDBServer
 
 
-def _pair() -> tuple[socket.socket, socket.socket]:
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
     listener = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(listener.getsockname())
     server, _ = listener.accept()
@@ -20,8 +23,22 @@ def _pair() -> tuple[socket.socket, socket.socket]:
     return client, server
 
 
-def test_quiet_socket_is_alive() -> None:
-    client, server = _pair()
+def _readable(sock: socket.socket) -> None:
+    """Wait (5 s at most) until the peer's FIN, RST or bytes reached ``sock``."""
+    assert select.select([sock], [], [], 5.0)[0], "nothing arrived within 5 s"
+
+
+#: The verdicts that need no TCP run on a socketpair too: the fast tier's copy.
+PAIRS = [
+    pytest.param(socket.socketpair, id="socketpair"),
+    pytest.param(_tcp_pair, id="tcp", marks=pytest.mark.integration),
+]
+Pair = t.Callable[[], tuple[socket.socket, socket.socket]]
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_quiet_socket_is_alive(pair: Pair) -> None:
+    client, server = pair()
     try:
         assert probe.SocketProbe(client.fileno()).check() is None
     finally:
@@ -29,30 +46,33 @@ def test_quiet_socket_is_alive() -> None:
         server.close()
 
 
-def test_fin_is_eof_and_nothing_is_consumed() -> None:
-    client, server = _pair()
+@pytest.mark.parametrize("pair", PAIRS)
+def test_fin_is_eof_and_nothing_is_consumed(pair: Pair) -> None:
+    client, server = pair()
     server.close()
-    time.sleep(0.05)
+    _readable(client)
     assert probe.SocketProbe(client.fileno()).check() == (probe.EOF, b"")
     assert client.fileno() != -1  # the probe's borrowed socket did not close it
     client.close()
 
 
+@pytest.mark.integration
 def test_rst_is_reset() -> None:
-    client, server = _pair()
+    client, server = _tcp_pair()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     server.close()
-    time.sleep(0.05)
+    _readable(client)
     assert probe.SocketProbe(client.fileno()).check() == (probe.RESET, b"")
     client.close()
 
 
-def test_unsolicited_bytes_are_peeked_not_read() -> None:
-    client, server = _pair()
+@pytest.mark.parametrize("pair", PAIRS)
+def test_unsolicited_bytes_are_peeked_not_read(pair: Pair) -> None:
+    client, server = pair()
     # MySQL 8's ER_CLIENT_INTERACTION_TIMEOUT packet: length, seq 0, 0xFF, 4031.
     packet = b"\x0f\x00\x00\x00\xff" + (4031).to_bytes(2, "little") + b"#HY000timeout"
     server.sendall(packet)
-    time.sleep(0.05)
+    _readable(client)
     verdict = probe.SocketProbe(client.fileno()).check()
     assert verdict is not None
     assert verdict[0] == probe.UNKNOWN

@@ -138,6 +138,7 @@ def test_a_slow_path_is_measured_by_real_idle_times(
     assert found.recommended_idle_timeout <= 1.1
 
 
+@pytest.mark.integration  # connects to a closed port
 def test_unreachable_database_exits_2(make_app: AppFactory) -> None:
     url = f"mysql+pymysql://sg:{APP_PASSWORD}@127.0.0.1:{free_port()}/x"
     app, db = make_app(url)

@@ -17,6 +17,7 @@ from flask_staleguard import ConfigError
 from flask_staleguard import protect
 from flask_staleguard.core import probe
 from flask_staleguard.core.keepalive import read_keepalive
+from tests.helpers import outlive
 from tests.servers import MariaDBServer
 from tests.servers import PostgresServer
 
@@ -79,7 +80,7 @@ def test_idle_past_wait_timeout(
     engine = engine_for(short_timeout.url, engines)
     protection = protect(engine) if guarded else None
     before = warm(engine, MYSQL_ID)
-    time.sleep(2.5)  # past the server's wait_timeout of 2 s
+    outlive(short_timeout, before)  # the server's wait_timeout of 2 s ran out
     after = served_after_fault(engine, MYSQL_ID, protection)
     if protection is None:
         return

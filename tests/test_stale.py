@@ -19,6 +19,7 @@ from tests.helpers import AppFactory
 from tests.helpers import engine_connection_id
 from tests.helpers import FakeClock
 from tests.helpers import is_gone_error
+from tests.helpers import outlive
 from tests.helpers import pool_json
 from tests.helpers import replaced
 from tests.helpers import request_ids
@@ -33,8 +34,7 @@ def test_without_guard_the_bug_reproduces(
 ) -> None:
     app, db = make_app(short_timeout.url, guard=False, SQLALCHEMY_ENGINE_OPTIONS=POOL)
     add_route(app, db)
-    warm(app, db)
-    time.sleep(3)
+    outlive(short_timeout, warm(app, db))
     with pytest.raises(sa.exc.OperationalError) as info:
         app.test_client().get("/q")
     assert is_gone_error(info.value)
@@ -48,8 +48,7 @@ def test_strategy_off_does_not_protect(
         short_timeout.url, SQLALCHEMY_ENGINE_OPTIONS=POOL, STALEGUARD_STRATEGY="off"
     )
     add_route(app, db)
-    warm(app, db)
-    time.sleep(3)
+    outlive(short_timeout, warm(app, db))
     with pytest.raises(sa.exc.OperationalError):
         app.test_client().get("/q")
 
@@ -63,7 +62,7 @@ def test_idle_past_wait_timeout_every_request_succeeds(
     )
     add_route(app, db)
     before = warm(app, db)
-    time.sleep(3)
+    outlive(short_timeout, before)
     after = request_ids(app, 8)
     assert not before & set(after)  # every stale connection was replaced
     if strategy == "guard":
