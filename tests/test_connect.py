@@ -29,6 +29,9 @@ from tests.servers import MariaDBServer
 from tests.servers import PostgresServer
 from tests.test_time_limits import run_with_watchdog
 
+#: Starts servers, proxies and clusters of its own.
+pytestmark = pytest.mark.integration
+
 #: What a busy machine may add to any bound below.
 SLACK = 8.0
 

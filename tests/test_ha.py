@@ -27,6 +27,9 @@ from tests.helpers import stats
 from tests.servers import MariaDBServer
 from tests.servers import PostgresServer
 
+#: Starts servers, proxies and clusters of its own.
+pytestmark = pytest.mark.integration
+
 POOL = {"pool_size": 5, "max_overflow": 0}
 WRITES = 20
 MYSQL_TABLE = "CREATE TABLE moves (id SERIAL PRIMARY KEY, node INT)"
