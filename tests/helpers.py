@@ -7,8 +7,10 @@ The guard is read through its public API only: ``StaleGuard.stats()`` and the
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
+import pathlib
 import re
 import time
 import typing as t
@@ -116,6 +118,24 @@ def request_ids(app: Flask, n: int = 8) -> list[int]:
         assert response.status_code == 200
         ids.append(int(response.text))
     return ids
+
+
+def parse(path: pathlib.Path) -> ast.Module:
+    """``ast.parse`` of a source file.
+
+    CPython 3.11 before 3.11.8 keeps the parser's recursion depth per
+    interpreter, not per thread (gh-106905): a daemon thread left by an earlier
+    test compiling at the same moment makes it fail spuriously, with
+    "AST constructor recursion depth mismatch". Such a failure is tried again.
+    """
+    source = path.read_text()
+    for attempt in range(3):
+        try:
+            return ast.parse(source)
+        except SystemError as e:
+            if "recursion depth mismatch" not in str(e) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def failed_writes(app: Flask, writes: int) -> int:

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import flask_staleguard
+from tests.helpers import parse
 
 PACKAGE = pathlib.Path(flask_staleguard.__file__).parent
 
@@ -23,7 +24,7 @@ def _imports(path: pathlib.Path) -> set[str]:
     else:
         package = module.rpartition(".")[0]
     found: set[str] = set()
-    tree = ast.parse(path.read_text())
+    tree = parse(path)
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             node.body = []  # typing-only imports make no circle at run time

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 import flask_staleguard
 from flask_staleguard import _private
 from flask_staleguard import ConnectionReclaimed
+from tests.helpers import parse
 
 PACKAGE = Path(flask_staleguard.__file__).parent
 
@@ -155,7 +156,7 @@ def test_checked_out_proxy_is_the_holders_proxy_while_it_lives(
 
 def _private_attributes(path: Path) -> set[str]:
     """Every ``x._name`` attribute read in ``path`` (not dunders)."""
-    tree = ast.parse(path.read_text())
+    tree = parse(path)
     return {
         node.attr
         for node in ast.walk(tree)
@@ -182,7 +183,7 @@ def test_private_names_live_in_one_module() -> None:
 
 def test_no_private_flask_import() -> None:
     for path in PACKAGE.rglob("*.py"):
-        tree = ast.parse(path.read_text())
+        tree = parse(path)
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
                 "flask"
