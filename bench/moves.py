@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import socket
 import tempfile
 import threading
 import time
@@ -36,8 +35,6 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from tests.proxies import _Connection
-from tests.proxies import _set_abortive
 from tests.proxies import MuteServer
 from tests.proxies import TcpProxy
 
@@ -56,44 +53,6 @@ SILENT_CONFIG = {
     "STALEGUARD_CONNECT_TIMEOUT": 2,
     "STALEGUARD_CONNECT_WAIT": 0,
 }
-
-
-class CountingProxy(TcpProxy):
-    """A :class:`TcpProxy` that also counts the connections it accepts, those it
-    refuses because its backend is down included: every connect attempt.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        super().__init__(host, port)
-        self.attempts = 0
-
-    def _accept(self) -> None:
-        # TcpProxy._accept, with the count: connections_seen counts only the
-        # connections that reached the backend.
-        assert self._listener is not None
-        try:
-            client, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        with self._lock:
-            self.attempts += 1
-        client.setblocking(True)
-        try:
-            upstream = socket.create_connection(
-                (self.target_host, self.target_port), timeout=5
-            )
-        except OSError:
-            _set_abortive(client)  # a reset, as a proxy with no backend does
-            client.close()
-            return
-        upstream.settimeout(None)
-        for sock in (client, upstream):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = _Connection(self, client, upstream)
-        with self._lock:
-            self.connections_seen += 1
-            self._connections.append(conn)
-        conn.start()
 
 
 def within(fn: t.Callable[[], t.Any], seconds: float) -> tuple[bool, t.Any]:
@@ -153,7 +112,7 @@ def failover(
     for server in (old, new):
         server.execute(CREATE)
     out: dict[str, dict[str, t.Any]] = {}
-    with CountingProxy(old.host, old.port) as proxy:
+    with TcpProxy(old.host, old.port) as proxy:
         for v in variants:
             old.execute("SET GLOBAL read_only = 0")
             proxy.target_port = old.port
@@ -266,7 +225,7 @@ def restart(
     started 1 s later through a counting proxy.
     """
     out: dict[str, dict[str, t.Any]] = {}
-    with CountingProxy(server.host, server.port) as proxy:
+    with TcpProxy(server.host, server.port) as proxy:
         for v in variants:
             apps = [build(v, proxy.url_for(server.user_url)) for _ in range(pools)]
             for bench_app in apps:

@@ -188,6 +188,9 @@ class TcpProxy:
         self.close_on = close_on
         self.closes_left = closes
         self.connections_seen = 0
+        #: Clients accepted, those refused because the backend is down included:
+        #: every connect attempt that reached the proxy.
+        self.attempts = 0
         #: The most chunks one direction of a connection held back at once.
         self.most_in_flight = 0
         self.stopping = threading.Event()
@@ -344,6 +347,8 @@ class TcpProxy:
             client, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        with self._lock:
+            self.attempts += 1
         client.setblocking(True)
         try:
             upstream = socket.create_connection(

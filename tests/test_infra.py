@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import select
+import socket
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from flask_staleguard.core.probe import socket_fd
 from tests.proxies import TcpProxy
 from tests.servers import APP_PASSWORD
 from tests.servers import APP_USER
+from tests.servers import free_port
 from tests.servers import HAProxy
 from tests.servers import MariaDBServer
 from tests.servers import PgBouncer
@@ -276,3 +279,16 @@ def test_pgbouncer_closes_idle_connection() -> None:
             conn.execute("SELECT 1")
         assert conn.closed
         conn.close()
+
+
+def test_tcpproxy_counts_refused_connects_as_attempts() -> None:
+    # Its backend is down: the client is reset, and the attempt still counts.
+    with TcpProxy("127.0.0.1", free_port()) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+            sock.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(1) == b""
+        deadline = time.monotonic() + 5
+        while proxy.attempts < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (proxy.attempts, proxy.connections_seen) == (1, 0)
